@@ -1,0 +1,1 @@
+"""Inference engine: shared pre/post-processing, ONNX export, TensorRT build, Segmenter backends."""

@@ -1,0 +1,1 @@
+"""Training side: vocabulary, synthetic data engine, model, training and evaluation."""

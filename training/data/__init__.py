@@ -1,0 +1,1 @@
+"""Synthetic fluoroscopy data engine (DRRs, projected masks, tools, domain randomization, shards)."""

@@ -1,0 +1,1 @@
+"""FluoroSAM model: image encoder, text encoder + VQ, SAM prompt encoder and mask decoder."""
