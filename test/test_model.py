@@ -1,0 +1,139 @@
+"""Shapes, dtypes and invariants of the FluoroSAM model, its quantizer and checkpoints."""
+import dataclasses
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.model import CONFIGS, FluoroSAM, FluoroSAMConfig, get_config, load_checkpoint, save_checkpoint
+from training.model.text import VectorQuantizer
+
+# A small config so the tests stay fast; the real "tiny" is exercised where it matters (encode_image).
+MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
+                           swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
+                           codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def mini_model():
+    torch.manual_seed(0)
+    return FluoroSAM(MINI).eval()
+
+
+def test_registry_and_derived_sizes():
+    assert set(CONFIGS) == {"tiny", "base", "large"}
+    tiny = get_config("tiny")
+    assert (tiny.image_size, tiny.embed_hw, tiny.mask_hw) == (256, 32, 128)
+    assert get_config("large").swin_embed_dim == 192 and get_config("large").image_size == 448
+    with pytest.raises(KeyError, match="unknown model config"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        dataclasses.replace(tiny, image_size=250)
+    assert FluoroSAMConfig.from_dict(tiny.to_dict()) == tiny
+
+
+def test_tiny_encode_image_shape_and_dtype():
+    model = FluoroSAM(get_config("tiny")).eval()
+    with torch.no_grad():
+        emb = model.encode_image(torch.randn(2, 1, 256, 256))
+    assert emb.shape == (2, 256, 32, 32) and emb.dtype == torch.float32
+    with pytest.raises(ValueError, match="expected images"):
+        model.encode_image(torch.randn(1, 3, 256, 256))
+
+
+def test_text_encoding_fields(mini_model):
+    with torch.no_grad():
+        enc = mini_model.encode_text(["left lung", "The LEFT lung.", "banana bread"])
+    assert enc.tokens.shape == (3, 256) and enc.tokens.dtype == torch.float32
+    assert enc.code.dtype == torch.int64 and enc.code.shape == (3,)
+    assert enc.code_distance.shape == (3,) and (enc.code_distance >= 0).all()
+    assert enc.oov.dtype == torch.bool
+    # Normalization makes the two spellings one phrase: identical tokens.
+    assert torch.equal(enc.tokens[0], enc.tokens[1])
+    # Quantized tokens are codebook rows.
+    assert torch.equal(enc.tokens, mini_model.quantizer.codebook[enc.code])
+    with pytest.raises(TypeError):
+        mini_model.encode_text("left lung")
+
+
+def test_oov_flags_follow_thresholds(mini_model):
+    with torch.no_grad():
+        emb = mini_model.sentence_embeddings(["left lung", "right lung", "pizza with pineapple"])
+        mini_model.set_phrase_table(emb[:2])
+        mini_model.set_oov_thresholds(math.inf, 0.8)
+        enc = mini_model.encode_text_embeddings(emb)
+    mini_model.set_phrase_table(torch.zeros(0, MINI.text_dim))
+    mini_model.set_oov_thresholds(math.inf, -math.inf)
+    assert enc.vocab_similarity[0] == pytest.approx(1.0, abs=1e-2)
+    assert enc.oov.tolist() == [False, False, True]
+
+
+def test_decode_shapes_and_shared_embedding_broadcast(mini_model):
+    torch.manual_seed(1)
+    n, hw = 3, MINI.embed_hw
+    emb = torch.randn(1, 256, hw, hw)
+    tokens = torch.randn(n, 256)
+    coords = torch.rand(n, 2, 2) * MINI.image_size
+    labels = torch.tensor([[1, 0], [1, -1], [0, 1]])
+    masks = torch.randn(n, 1, 4 * hw, 4 * hw)
+    with torch.no_grad():
+        shared = mini_model.decode(emb, tokens, coords, labels, masks)
+        repeated = mini_model.decode(emb.expand(n, -1, -1, -1).clone(), tokens, coords, labels, masks)
+        text_only = mini_model.decode(emb, tokens)
+    assert shared[0].shape == (n, 3, 4 * hw, 4 * hw) and shared[1].shape == (n, 3)
+    assert shared[0].dtype == torch.float32
+    torch.testing.assert_close(shared[0], repeated[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shared[1], repeated[1], rtol=1e-4, atol=1e-4)
+    assert text_only[0].shape == (n, 3, 4 * hw, 4 * hw)
+    # Each prompt's result depends only on its own inputs: decoding one alone gives the same masks.
+    with torch.no_grad():
+        single = mini_model.decode(emb, tokens[1:2], coords[1:2], labels[1:2], masks[1:2])
+    torch.testing.assert_close(single[0][0], shared[0][1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="image embeddings"):
+        mini_model.decode(torch.randn(2, 256, hw, hw), tokens)
+    with pytest.raises(ValueError, match="mask_input"):
+        mini_model.decode(emb, tokens, mask_input=torch.randn(n, 1, 8, 8))
+
+
+def test_vector_quantizer_straight_through_and_restart():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4).train()
+    z = torch.randn(5, 4, requires_grad=True)
+    quantized, code, distance, loss = vq(z)
+    torch.testing.assert_close(quantized, vq.codebook[code])
+    torch.testing.assert_close(distance, (z - vq.codebook[code]).norm(dim=1))
+    (quantized.sum() + loss).backward()
+    assert z.grad is not None and torch.all(z.grad != 0)  # straight-through passes gradients to z
+    vq.usage.zero_()
+    far = torch.randn(6, 4) * 100
+    restarted = vq.restart_dead_codes(far)
+    assert 1 <= restarted <= 3  # only candidates farther than the median are used
+    _, d = vq.nearest(far)
+    assert (d == 0).sum() >= restarted
+
+
+def test_checkpoint_round_trip_bit_exact(mini_model, tmp_path):
+    mini_model.set_phrase_table(torch.randn(7, MINI.text_dim))
+    mini_model.set_oov_thresholds(3.5, 0.6)
+    meta = {"vocabulary_sha256": "abc", "data_manifest_sha256": "def", "metrics": {"iou": 0.5}, "min_score": 0.4}
+    save_checkpoint(mini_model, tmp_path, meta)
+    loaded, loaded_meta = load_checkpoint(tmp_path)
+    original = mini_model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert tensor.dtype == original[name].dtype and torch.equal(tensor, original[name]), name
+    assert loaded.phrase_table.dtype == torch.float16 and loaded.phrase_table.shape == (7, MINI.text_dim)
+    assert loaded_meta["oov"] == {"code_distance_max": 3.5, "vocab_similarity_min": 0.6}
+    assert loaded_meta["min_score"] == 0.4 and loaded_meta["config"]["name"] == "mini"
+    assert (loaded.oov_code_distance_max, loaded.oov_vocab_similarity_min) == (3.5, 0.6)
+    assert not any(k.startswith("sentence") for k in load_file(str(tmp_path / "model.safetensors")))
+    with torch.no_grad():
+        x = torch.randn(1, 1, 64, 64)
+        assert torch.equal(loaded.encode_image(x), mini_model.encode_image(x))
+    mini_model.set_phrase_table(torch.zeros(0, MINI.text_dim))
+    mini_model.set_oov_thresholds(math.inf, -math.inf)
+
+
+def test_load_checkpoint_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.json"):
+        load_checkpoint(tmp_path)

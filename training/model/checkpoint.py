@@ -1,0 +1,75 @@
+"""Checkpoints: ``model.safetensors`` (weights, bit-exact) + ``model.json`` (config and provenance).
+
+``model.json`` keys: ``config`` (FluoroSAMConfig), ``vocabulary_sha256``, ``data_manifest_sha256``,
+``metrics``, ``oov`` ({"code_distance_max", "vocab_similarity_min"}), ``min_score``, plus anything
+else the caller passes in ``meta`` (training command, steps, timing). The frozen sentence encoder is
+not stored: its weights ship with its package.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import FluoroSAMConfig
+from .fluorosam import FluoroSAM
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def save_checkpoint(model: FluoroSAM, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Write weights and metadata atomically (temp files, then rename); returns the folder."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    meta.setdefault("oov", {"code_distance_max": _finite_or_none(model.oov_code_distance_max),
+                            "vocab_similarity_min": _finite_or_none(model.oov_vocab_similarity_min)})
+    meta.setdefault("min_score", None)
+    meta.setdefault("metrics", {})
+    meta.setdefault("vocabulary_sha256", None)
+    meta.setdefault("data_manifest_sha256", None)
+    document = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), **meta}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    tmp_weights, tmp_meta = out / (WEIGHTS_FILE + ".tmp"), out / (META_FILE + ".tmp")
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    tmp_meta.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp_weights, out / WEIGHTS_FILE)
+    os.replace(tmp_meta, out / META_FILE)
+    return out
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {META_FILE} in {model_dir}: not a FluoroSAM checkpoint folder")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FluoroSAM, dict]:
+    """Rebuild the model from ``model.json`` and load its weights strictly; returns (model in eval mode, meta)."""
+    meta = read_meta(model_dir)
+    weights_path = Path(model_dir) / WEIGHTS_FILE
+    if not weights_path.exists():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {model_dir}")
+    config = FluoroSAMConfig.from_dict(meta["config"])
+    model = FluoroSAM(config)
+    state = load_file(str(weights_path))
+    if "phrase_table" in state:
+        model.set_phrase_table(state["phrase_table"])
+    model.load_state_dict(state, strict=True)
+    oov = meta.get("oov") or {}
+    model.set_oov_thresholds(
+        oov.get("code_distance_max") if oov.get("code_distance_max") is not None else math.inf,
+        oov.get("vocab_similarity_min") if oov.get("vocab_similarity_min") is not None else -math.inf)
+    return model.to(device).eval(), meta

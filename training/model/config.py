@@ -1,0 +1,101 @@
+"""Model sizes as plain dataclasses, so a checkpoint's ``model.json`` can rebuild the exact network.
+
+``tiny`` trains on a laptop CPU and runs the default demo; ``base`` and ``large`` are GPU configs.
+``large`` follows the FluoroSAM paper (Swin-L, 448 px, 256-channel embedding). The paper's public
+code reaches a 64x64 embedding from 448 px with a stride-7 patch embedding, which does not tile
+Swin's windows; we keep Swin's standard patch-4 stem and take the embedding at stride 8 (56x56),
+the nearest grid that the hierarchy produces, with 4x upsampled masks of 224x224.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class FluoroSAMConfig:
+    name: str
+    image_size: int  # square model input side in pixels
+    patch_size: int = 4
+    swin_embed_dim: int = 48
+    swin_depths: tuple[int, ...] = (2, 2, 4, 2)
+    swin_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 8
+    drop_path_rate: float = 0.1
+    embed_stride: int = 8  # image embedding = image_size / embed_stride per side
+    embed_dim: int = 256  # channels of the image embedding and of every prompt token (SAM's)
+    text_encoder: str = "minilm"  # "minilm" (packaged, offline) | "clip" (needs clip_path)
+    clip_path: str = ""  # local folder of a Hugging Face CLIP model, used only with text_encoder="clip"
+    text_dim: int = 384  # sentence-embedding width of the frozen text encoder
+    codebook_size: int = 512
+    vq_commitment: float = 0.25
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    extra: dict = field(default_factory=dict)  # free-form notes carried into model.json
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.embed_stride:
+            raise ValueError(f"image_size {self.image_size} is not divisible by embed_stride {self.embed_stride}")
+        deepest = self.patch_size * 2 ** (len(self.swin_depths) - 1)
+        if self.embed_stride < self.patch_size or self.embed_stride > deepest:
+            raise ValueError(f"embed_stride {self.embed_stride} outside the backbone's strides "
+                             f"{self.patch_size}..{deepest}")
+        if (self.image_size // deepest) % self.window_size and self.image_size // deepest > self.window_size:
+            raise ValueError(f"window_size {self.window_size} does not tile the deepest stage "
+                             f"({self.image_size // deepest} tokens per side)")
+        if self.text_encoder not in ("minilm", "clip"):
+            raise ValueError(f"text_encoder must be 'minilm' or 'clip', got {self.text_encoder!r}")
+
+    @property
+    def embed_hw(self) -> int:
+        """Side of the image embedding grid."""
+        return self.image_size // self.embed_stride
+
+    @property
+    def mask_hw(self) -> int:
+        """Side of the low-resolution mask logits the decoder returns (4x the embedding, as SAM)."""
+        return 4 * self.embed_hw
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["swin_depths"] = list(self.swin_depths)
+        out["swin_heads"] = list(self.swin_heads)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FluoroSAMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown FluoroSAMConfig fields {sorted(unknown)}")
+        data = dict(data)
+        for key in ("swin_depths", "swin_heads"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+CONFIGS: dict[str, FluoroSAMConfig] = {
+    # 256 px -> 32x32x256 embedding (stride 8, stages at stride 8/16/32 fused FPN-style), 128x128 masks.
+    "tiny": FluoroSAMConfig(name="tiny", image_size=256, swin_embed_dim=48, swin_depths=(2, 2, 4, 2),
+                            swin_heads=(3, 6, 12, 24), window_size=8, embed_stride=8, codebook_size=512),
+    # Swin-B at 448 px -> 28x28 embedding (stride 16), 112x112 masks.
+    "base": FluoroSAMConfig(name="base", image_size=448, swin_embed_dim=128, swin_depths=(2, 2, 18, 2),
+                            swin_heads=(4, 8, 16, 32), window_size=7, drop_path_rate=0.3, embed_stride=16,
+                            codebook_size=2048),
+    # The paper's: Swin-L at 448 px, 8192 codes; embedding 56x56 at stride 8 (see module docstring).
+    "large": FluoroSAMConfig(name="large", image_size=448, swin_embed_dim=192, swin_depths=(2, 2, 18, 2),
+                             swin_heads=(6, 12, 24, 48), window_size=7, drop_path_rate=0.3, embed_stride=8,
+                             codebook_size=8192),
+}
+
+
+def get_config(name: str) -> FluoroSAMConfig:
+    """Look up a registered config by name, with a clear error for unknown names."""
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise KeyError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}") from None

@@ -1,0 +1,132 @@
+"""The FluoroSAM network: Swin image encoder, frozen text encoder + MLP + VQ, SAM prompt encoder/decoder."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.prompt_encoder import PromptEncoder
+from segment_anything.modeling.transformer import TwoWayTransformer
+from torch import Tensor, nn
+
+from .config import FluoroSAMConfig
+from .decoder import BatchedMaskDecoder
+from .image_encoder import SwinImageEncoder
+from .text import SentenceEncoder, TextEncoding, VectorQuantizer, get_sentence_encoder
+
+
+class FluoroSAM(nn.Module):
+    """Language- and point-promptable X-ray segmenter (see docs/interfaces.md for the contract)."""
+
+    def __init__(self, config: FluoroSAMConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embed_dim
+        self.image_encoder = SwinImageEncoder(config)
+        self.text_projection = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.quantizer = VectorQuantizer(config.codebook_size, dim, commitment=config.vq_commitment)
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=dim, image_embedding_size=(config.embed_hw, config.embed_hw),
+            input_image_size=(config.image_size, config.image_size), mask_in_chans=config.mask_in_chans)
+        self.mask_decoder = BatchedMaskDecoder(
+            transformer_dim=dim,
+            transformer=TwoWayTransformer(depth=config.decoder_depth, embedding_dim=dim,
+                                          num_heads=config.decoder_heads, mlp_dim=config.decoder_mlp_dim),
+            num_multimask_outputs=config.num_multimask_outputs, iou_head_depth=3,
+            iou_head_hidden_dim=config.iou_head_hidden_dim)
+        # Sentence embeddings of every training phrase (float16), for the vocabulary-similarity OOV score.
+        self.register_buffer("phrase_table", torch.zeros(0, config.text_dim, dtype=torch.float16))
+        # Calibrated OOV thresholds (from model.json); the defaults refuse nothing.
+        self.oov_code_distance_max = math.inf
+        self.oov_vocab_similarity_min = -math.inf
+
+    # ----------------------------------------------------------------------------------------- image
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(B, 1, S, S) normalized images -> (B, 256, h, w) embeddings."""
+        return self.image_encoder(images)
+
+    # ------------------------------------------------------------------------------------------ text
+    @property
+    def sentence_encoder(self) -> SentenceEncoder:
+        """The frozen encoder, loaded on first use and shared per process (never part of the state dict)."""
+        return get_sentence_encoder(self.config.text_encoder, self.config.clip_path)
+
+    def sentence_embeddings(self, prompts: list[str]) -> Tensor:
+        """Normalized prompt strings -> (N, text_dim) L2-normalized sentence embeddings on the model's device."""
+        from training.vocabulary import normalize_prompt
+
+        return self.sentence_encoder([normalize_prompt(p) for p in prompts]).to(self.phrase_table.device)
+
+    def project_text(self, sentence_embeddings: Tensor) -> Tensor:
+        """Sentence embeddings -> pre-quantization prompt vectors (N, 256)."""
+        return self.text_projection(sentence_embeddings.float())
+
+    def vocab_similarity(self, sentence_embeddings: Tensor) -> Tensor:
+        """Max cosine of each embedding to the training phrases; 1.0 when no phrase table is stored."""
+        if self.phrase_table.shape[0] == 0:
+            return sentence_embeddings.new_ones(sentence_embeddings.shape[0])
+        return (sentence_embeddings.float() @ self.phrase_table.float().t()).max(dim=1).values
+
+    def set_phrase_table(self, sentence_embeddings: Tensor) -> None:
+        """Store the training phrases' embeddings (kept in the checkpoint as float16)."""
+        self.phrase_table = sentence_embeddings.detach().to(self.phrase_table.device, torch.float16).contiguous()
+
+    def set_oov_thresholds(self, code_distance_max: float, vocab_similarity_min: float) -> None:
+        self.oov_code_distance_max = float(code_distance_max)
+        self.oov_vocab_similarity_min = float(vocab_similarity_min)
+
+    def encode_text_embeddings(self, sentence_embeddings: Tensor) -> TextEncoding:
+        """Like :meth:`encode_text` but from precomputed sentence embeddings (N, text_dim)."""
+        tokens, code, distance, _ = self.quantizer(self.project_text(sentence_embeddings))
+        similarity = self.vocab_similarity(sentence_embeddings)
+        oov = (distance > self.oov_code_distance_max) | (similarity < self.oov_vocab_similarity_min)
+        return TextEncoding(tokens=tokens, code=code, code_distance=distance.float(),
+                            vocab_similarity=similarity.float(), oov=oov)
+
+    def encode_text(self, prompts: list[str]) -> TextEncoding:
+        """Prompt strings -> quantized tokens (N, 256), code, code_distance, vocab_similarity, oov flags."""
+        if isinstance(prompts, str):
+            raise TypeError("encode_text takes a list of prompt strings, not a single string")
+        return self.encode_text_embeddings(self.sentence_embeddings(list(prompts)))
+
+    # --------------------------------------------------------------------------------------- decoder
+    def decode(self, image_embeddings: Tensor, text_tokens: Tensor, point_coords: Tensor | None = None,
+               point_labels: Tensor | None = None, mask_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Decode N prompts -> mask logits (N, 3, 4h, 4w) and predicted IoU (N, 3).
+
+        ``image_embeddings`` is (N, 256, h, w) or (1, 256, h, w) shared by all prompts; ``point_coords``
+        (N, P, 2) in model-input pixels with ``point_labels`` (N, P) 1 positive / 0 negative / -1 padding;
+        ``mask_input`` (N, 1, 4h, 4w) previous mask logits used as the dense prompt.
+        """
+        n = text_tokens.shape[0]
+        hw = self.config.embed_hw
+        if image_embeddings.ndim != 4 or image_embeddings.shape[1:] != (self.config.embed_dim, hw, hw):
+            raise ValueError(f"image_embeddings must be (N or 1, {self.config.embed_dim}, {hw}, {hw}), "
+                             f"got {tuple(image_embeddings.shape)}")
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        if point_coords is not None and (point_coords.shape[0] != n or point_labels.shape != point_coords.shape[:2]):
+            raise ValueError(f"points {tuple(point_coords.shape)} / labels {tuple(point_labels.shape)} "
+                             f"do not match {n} prompts")
+        if mask_input is not None and mask_input.shape != (n, 1, 4 * hw, 4 * hw):
+            raise ValueError(f"mask_input must be ({n}, 1, {4 * hw}, {4 * hw}), got {tuple(mask_input.shape)}")
+        points = None if point_coords is None else (point_coords.float(), point_labels)
+        point_tokens, dense = self.prompt_encoder(points=points, boxes=None, masks=mask_input)
+        sparse = text_tokens[:, None, :]
+        if points is not None:
+            sparse = torch.cat([sparse, point_tokens], dim=1)
+        return self.mask_decoder(image_embeddings=image_embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
+                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                 multimask_output=True)
+
+    @staticmethod
+    def best_mask(mask_logits: Tensor, iou_pred: Tensor) -> tuple[Tensor, Tensor]:
+        """Pick, per prompt, the mask with the highest predicted IoU (as the paper's inference code)."""
+        best = iou_pred.argmax(dim=1)
+        rows = torch.arange(mask_logits.shape[0], device=mask_logits.device)
+        return mask_logits[rows, best], iou_pred[rows, best]
+
+    def upsample_to_input(self, mask_logits: Tensor) -> Tensor:
+        """(N, K, 4h, 4w) logits -> (N, K, S, S) over the square model input."""
+        size = self.config.image_size
+        return F.interpolate(mask_logits, size=(size, size), mode="bilinear", align_corners=False)
