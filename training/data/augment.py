@@ -1,0 +1,68 @@
+"""Domain randomization for rendered X-rays (after the FluoroSAM paper), seeded and reproducible.
+
+Raw DRRs are clean line integrals; real images differ in exposure, detector noise, processing (log
+or not, windowing, CLAHE, inverted display), blur and occlusions. Each call draws one random
+"imaging chain" from a seed:
+
+1. physics: either the line integral with Gaussian noise, or a transmission image I = exp(-k*integral)
+   with Poisson quantum noise, then -log (the usual display) or left as transmission (bone dark);
+2. random windowing (percentile window, sometimes clipping the bone or the lungs);
+3. from albumentations: Gaussian blur, gamma, brightness/contrast ("Gaussian contrast"), inversion,
+   coarse dropout, detector Gaussian noise; CLAHE from kornia (works on floats, unlike
+   albumentations' 8-bit CLAHE).
+
+Only photometric changes: masks stay valid, and there is never a horizontal flip (laterality matters).
+"""
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import torch
+
+
+def _photometric_pipeline(seed: int) -> A.Compose:
+    return A.Compose([
+        A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.3, 1.5), p=0.3),
+        A.RandomGamma(gamma_limit=(60, 160), p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.3, p=0.5),
+        A.InvertImg(p=0.15),
+        A.CoarseDropout(num_holes_range=(1, 6), hole_height_range=(0.03, 0.15), hole_width_range=(0.03, 0.15),
+                        fill="random_uniform", p=0.3),
+        A.GaussNoise(std_range=(0.005, 0.04), p=0.4),
+    ], seed=seed)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def domain_randomize(raw: np.ndarray, seed: int, epoch: int = 0, index: int = 0) -> np.ndarray:
+    """Randomized float32 image in [0, 1] from a raw line-integral DRR; same arguments -> same output."""
+    if raw.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {raw.shape}")
+    seed = _seed(seed, epoch, index)
+    rng = np.random.default_rng(seed)
+    image = np.asarray(raw, dtype=np.float64)
+    peak = float(np.percentile(image, 99.5)) or 1.0
+    if rng.random() < 0.6:
+        k = rng.uniform(2.0, 6.0) / peak  # attenuation scale: the densest path transmits e^-2 .. e^-6
+        photons = 10 ** rng.uniform(2.5, 4.5)
+        counts = rng.poisson(photons * np.exp(-k * image)) + 0.5
+        transmission = counts / photons
+        image = -np.log(transmission) if rng.random() < 0.75 else transmission
+    else:
+        image = image + rng.normal(0, rng.uniform(0.0, 0.02) * peak, image.shape)
+    lo, hi = np.percentile(image, [rng.uniform(0, 8), rng.uniform(92, 100)])
+    image = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+    if rng.random() < 0.25:
+        clip_limit = float(rng.uniform(1.5, 6.0))
+        image = torch_clahe(image, clip_limit)
+    out = _photometric_pipeline(int(rng.integers(2**31)))(image=image)["image"]
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def torch_clahe(image01: np.ndarray, clip_limit: float) -> np.ndarray:
+    import kornia
+
+    t = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32))[None, None]
+    return kornia.enhance.equalize_clahe(t, clip_limit=clip_limit, grid_size=(8, 8))[0, 0].numpy()

