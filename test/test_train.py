@@ -1,0 +1,120 @@
+"""Training: the loss goes down on a few samples, DDP replicas stay identical, resume continues."""
+import dataclasses
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import Dataset
+
+from training.model import get_config, load_checkpoint
+from training.train import TrainOptions, run_training, sample_error_points, sample_prompts
+from training.vocabulary import Vocabulary
+
+MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
+                           swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
+                           codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0)
+CLASSES = ["left lung", "right lung", "heart", "liver"]
+
+
+class EllipseChests(Dataset):
+    """Few fixed synthetic 'chest' images: lungs either side, heart between, liver below (contract dict)."""
+
+    def __init__(self, n: int = 4, size: int = 64, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.classes = list(CLASSES)
+        yy, xx = np.mgrid[:size, :size] / size
+        self.items = []
+        for _ in range(n):
+            dx, dy = rng.uniform(-0.05, 0.05, 2)
+            masks = np.stack([
+                ((xx - 0.70 - dx) / 0.15) ** 2 + ((yy - 0.40 - dy) / 0.25) ** 2 < 1,  # patient's left: image right
+                ((xx - 0.30 - dx) / 0.15) ** 2 + ((yy - 0.40 - dy) / 0.25) ** 2 < 1,
+                ((xx - 0.52 - dx) / 0.10) ** 2 + ((yy - 0.55 - dy) / 0.10) ** 2 < 1,
+                ((xx - 0.35 - dx) / 0.20) ** 2 + ((yy - 0.85 - dy) / 0.10) ** 2 < 1,
+            ])
+            image = 1.0 - 0.6 * masks[:2].any(0) + 0.3 * masks[2] + 0.2 * masks[3]
+            image = image + rng.normal(0, 0.05, image.shape)
+            self.items.append((image.astype(np.float32), masks))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        image, masks = self.items[i]
+        return {"image": image, "masks": masks, "present": masks.any((1, 2)), "ct_id": "synthetic", "index": i}
+
+
+def _options(**kw) -> TrainOptions:
+    base = dict(steps=30, batch=2, lr=2e-3, warmup_steps=5, prompts_per_image=3, text_batch=32, num_workers=0,
+                log_every=5, save_every=1000, val_every=0, restart_every=10, threads=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_sample_prompts_and_error_points():
+    g = torch.Generator().manual_seed(0)
+    area = torch.tensor([[100, 0, 5, 2], [0, 0, 0, 50]])
+    image_index, class_index = sample_prompts(area, prompts_per_image=8, absent_per_image=1, generator=g)
+    pairs = set(zip(image_index.tolist(), class_index.tolist()))
+    assert {(0, 0), (0, 2), (1, 3)} <= pairs  # all present classes (>= 4 px) when fewer than requested
+    assert (0, 3) not in pairs  # 2 px is below the prompting threshold, and not "absent" either
+    assert sum(1 for b, c in pairs if area[b, c] == 0) == 2  # one absent class per image
+    target = torch.zeros(1, 8, 8, dtype=torch.bool)
+    target[0, 2:4, 2:4] = True
+    coords, labels = sample_error_points(torch.zeros_like(target), target, 5, g)
+    assert labels.tolist() == [[1] * 5]  # missed foreground -> positive clicks inside it
+    assert ((coords >= 2) & (coords < 4)).all()
+    coords, labels = sample_error_points(torch.ones_like(target), target, 5, g)
+    assert labels.tolist() == [[0] * 5]  # false positives -> negative clicks outside the target
+
+
+@pytest.mark.slow
+def test_short_training_lowers_loss_and_resumes(tmp_path):
+    vocabulary = Vocabulary.load()
+    _, last = run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path, _options(steps=40))
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert last["step"] == 40 and (tmp_path / "training_curve.png").stat().st_size > 0
+    model, meta = load_checkpoint(tmp_path)
+    assert meta["vocabulary_sha256"] == vocabulary.sha256 and meta["training"]["steps"] == 40
+    assert model.phrase_table.shape[0] == sum(len(vocabulary.training_phrases(c)) for c in CLASSES)
+    # Resume runs only the remaining steps.
+    run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path, _options(steps=45), resume=tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-2:] == [40, 45]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # Each rank sees different data (DistributedSampler) and different random prompts.
+        model, _ = run_training(MINI, lambda epoch: EllipseChests(n=8), Vocabulary.load(), out_dir,
+                                _options(steps=12, restart_every=5))
+        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_keep_replicas_identical(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys()
+    differing = [k for k in a if k != "quantizer.usage" and not torch.equal(a[k], b[k])]
+    assert not differing, differing[:5]
+    loaded, meta = load_checkpoint(tmp_path)  # rank 0's checkpoint is the replicas' weights
+    assert meta["training"]["world_size"] == 2
+    assert all(torch.equal(v, a[k]) for k, v in loaded.state_dict().items())

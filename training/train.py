@@ -1,0 +1,555 @@
+"""``fluorosam train``: train a FluoroSAM model on rendered shards, on one CPU, one GPU or many (torchrun).
+
+The image encoder is the cost, so every image is decoded with several prompts: up to
+``--prompts-per-image`` present classes (each with a random training phrase of its class) plus one
+absent class whose target is empty. With probability ``--interactive-prob`` a second, SAM-style round
+adds 1-3 points sampled from the error region of the first prediction, with that prediction as the
+dense prompt. The text projection also sees a batch of phrases from the whole vocabulary every step
+(cheap), for the VQ and a supervised contrastive loss that keeps "left lung" and "right lung" apart.
+
+Multi-process: ``torchrun --nproc-per-node N -m training.train ...`` (gloo on CPU, nccl on GPU);
+rank 0 logs and checkpoints. Resume with ``--resume OUT`` (weights + optimizer + step + RNG).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from engine.preprocess import letterbox, normalize, window
+from training.losses import mask_iou, multimask_loss, supervised_contrastive_loss
+from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
+from training.model.config import FluoroSAMConfig
+
+TRAIN_STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+MIN_PROMPT_PIXELS = 4  # a class needs this many target pixels (at model input size) to be prompted
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 1000
+    batch: int = 4  # images per step (per process)
+    lr: float = 8e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    prompts_per_image: int = 8
+    absent_per_image: int = 1
+    interactive_prob: float = 0.5
+    text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
+    contrastive_weight: float = 0.5
+    vq_weight: float = 1.0
+    restart_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    num_workers: int = 1
+    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    log_every: int = 10
+    save_every: int = 250
+    val_every: int = 250
+    val_items: int = 48
+    extra_meta: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- distributed
+def _dist_info() -> tuple[int, int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return 0, 1, 0
+
+
+def init_distributed(device: str) -> bool:
+    """Join the torchrun process group if launched by torchrun; returns whether distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
+# ------------------------------------------------------------------------------------------- text
+class PhraseBank:
+    """Every training phrase of the dataset's classes with its sentence embedding (computed once)."""
+
+    def __init__(self, model: FluoroSAM, vocabulary, class_names: list[str]) -> None:
+        self.class_names = list(class_names)
+        phrases, owners = [], []
+        for index, name in enumerate(self.class_names):
+            for phrase in vocabulary.training_phrases(name):
+                phrases.append(phrase)
+                owners.append(index)
+        self.phrases = phrases
+        self.owner = torch.tensor(owners, dtype=torch.long)
+        self.embeddings = model.sentence_embeddings(phrases).cpu()
+        self.by_class = [torch.nonzero(self.owner == c).flatten() for c in range(len(self.class_names))]
+
+    def class_centroids(self) -> Tensor:
+        return torch.stack([F.normalize(self.embeddings[idx].mean(0), dim=0) for idx in self.by_class])
+
+    def sample_for_classes(self, classes: Tensor, generator: torch.Generator) -> Tensor:
+        """A random training phrase for each class index -> (N, text_dim) embeddings."""
+        picks = [self.by_class[int(c)][torch.randint(len(self.by_class[int(c)]), (1,), generator=generator)]
+                 for c in classes]
+        return self.embeddings[torch.cat(picks)] if picks else self.embeddings[:0]
+
+    def sample_batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` phrases from ~n/4 random classes (so most anchors have positives): (embeddings, class ids)."""
+        n_classes = max(2, min(len(self.class_names), n // 4))
+        classes = torch.randperm(len(self.class_names), generator=generator)[:n_classes]
+        classes = classes[torch.randint(n_classes, (n,), generator=generator)]
+        return self.sample_for_classes(classes, generator), classes
+
+
+# ------------------------------------------------------------------------------------------- data
+def prepare_batch(items: list[dict], image_size: int) -> dict:
+    """Collate dataset items into model inputs: windowed + normalized images, masks at model size."""
+    images, masks = [], []
+    for item in items:
+        image01 = window(np.asarray(item["image"], dtype=np.float32))
+        m = torch.as_tensor(np.asarray(item["masks"]))
+        if image01.shape != (image_size, image_size):
+            if image01.shape[0] != image01.shape[1]:
+                raise ValueError(f"training images must be square, got {image01.shape}")
+            image01, _ = letterbox(image01, image_size)
+            m = F.interpolate(m[None].float(), size=(image_size, image_size), mode="nearest")[0] > 0.5
+        images.append(torch.from_numpy(normalize(image01).astype(np.float32)))
+        masks.append(m.bool())
+    masks_t = torch.stack(masks)
+    return {"images": torch.stack(images)[:, None], "masks": masks_t,
+            "area": masks_t.flatten(2).sum(-1)}
+
+
+class _Collate:
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def __call__(self, items: list[dict]) -> dict:
+        return prepare_batch(items, self.image_size)
+
+
+def sample_prompts(area: Tensor, prompts_per_image: int, absent_per_image: int,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Pick (image index, class index) pairs: present classes weighted by sqrt(area), plus absent ones.
+
+    sqrt(area) favours the large structures users ask for without starving small ones.
+    """
+    image_index, class_index = [], []
+    for b in range(area.shape[0]):
+        present = torch.nonzero(area[b] >= MIN_PROMPT_PIXELS).flatten()
+        absent = torch.nonzero(area[b] == 0).flatten()
+        if present.numel():
+            k = min(prompts_per_image, present.numel())
+            weights = area[b, present].float().sqrt()
+            chosen = present[torch.multinomial(weights, k, replacement=False, generator=generator)]
+            image_index += [b] * k
+            class_index += chosen.tolist()
+        if absent.numel() and absent_per_image:
+            k = min(absent_per_image, absent.numel())
+            chosen = absent[torch.randperm(absent.numel(), generator=generator)[:k]]
+            image_index += [b] * k
+            class_index += chosen.tolist()
+    return torch.tensor(image_index, dtype=torch.long), torch.tensor(class_index, dtype=torch.long)
+
+
+def sample_error_points(pred: Tensor, target: Tensor, n_points: int,
+                        generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """SAM-style corrective clicks: pixels drawn uniformly from the error region (x, y), label = target.
+
+    Where the prediction is already perfect, clicks fall on the target (positive) or, for an empty
+    target, anywhere (negative). pred/target bool (N, H, W) -> coords (N, P, 2) float, labels (N, P).
+    """
+    n, h, w = target.shape
+    error = (pred ^ target).flatten(1).float()
+    fallback = target.flatten(1).float()
+    fallback = torch.where(fallback.sum(1, keepdim=True) > 0, fallback, torch.ones_like(fallback))
+    weights = torch.where(error.sum(1, keepdim=True) > 0, error, fallback)
+    flat = torch.multinomial(weights.cpu(), n_points, replacement=True, generator=generator).to(target.device)
+    ys, xs = flat // w, flat % w
+    labels = torch.gather(target.flatten(1), 1, flat).long()
+    coords = torch.stack([xs, ys], dim=-1).float()
+    return coords, labels
+
+
+# ------------------------------------------------------------------------------------------ model
+class TrainingStep(nn.Module):
+    """The whole forward of one training step in a single ``forward`` so DDP can wrap it."""
+
+    def __init__(self, model: FluoroSAM, options: TrainOptions, generator: torch.Generator) -> None:
+        super().__init__()
+        self.model = model
+        self.options = options
+        self.generator = generator  # CPU generator for the corrective clicks
+
+    def forward(self, images: Tensor, masks: Tensor, image_index: Tensor, class_index: Tensor,
+                prompt_embeddings: Tensor, text_embeddings: Tensor, text_labels: Tensor,
+                interactive_points: int) -> dict[str, Tensor]:
+        model, options, generator = self.model, self.options, self.generator
+        n_prompts = image_index.shape[0]
+        vectors = model.project_text(torch.cat([prompt_embeddings, text_embeddings]))
+        quantized, _, _, vq_loss = model.quantizer(vectors)
+        tokens = quantized[:n_prompts]
+        contrastive = supervised_contrastive_loss(
+            vectors, torch.cat([class_index, text_labels]))
+
+        embeddings = model.encode_image(images)[image_index]
+        targets = masks[image_index, class_index]
+        logits, iou_pred = model.decode(embeddings, tokens)
+        full = model.upsample_to_input(logits)
+        first = multimask_loss(full, iou_pred, targets)
+        loss = first["mask"] + first["iou_head"]
+        out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
+               "iou_text": first["best_iou"]}
+        if interactive_points:
+            rows = torch.arange(n_prompts, device=logits.device)
+            prev_low = logits[rows, first["best_index"]].detach()[:, None]
+            prev_pred = full[rows, first["best_index"]].detach() > 0
+            coords, labels = sample_error_points(prev_pred, targets, interactive_points, generator)
+            logits2, iou2 = model.decode(embeddings, tokens, coords, labels, prev_low)
+            second = multimask_loss(model.upsample_to_input(logits2), iou2, targets)
+            loss = loss + second["mask"] + second["iou_head"]
+            out["iou_points"] = second["best_iou"]
+        loss = loss + options.vq_weight * vq_loss + options.contrastive_weight * contrastive
+        out.update(loss=loss, vq=vq_loss.detach(), contrastive=contrastive.detach())
+        out["_vectors"] = vectors.detach()
+        return out
+
+
+def lr_at(step: int, options: TrainOptions) -> float:
+    """Linear warmup then cosine decay to 1% of the base rate."""
+    if step < options.warmup_steps:
+        return options.lr * (step + 1) / options.warmup_steps
+    progress = (step - options.warmup_steps) / max(1, options.steps - options.warmup_steps)
+    return options.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def quick_validate(model: FluoroSAM, dataset: Dataset, class_names: list[str], bank: PhraseBank,
+                   max_items: int, device: torch.device) -> dict:
+    """Text-only mean IoU (class names as prompts) over present classes of the first ``max_items`` items."""
+    model.eval()
+    name_embeddings = model.sentence_embeddings(class_names).to(device)
+    enc = model.encode_text_embeddings(name_embeddings)
+    per_class: dict[str, list[float]] = {}
+    for i in range(min(max_items, len(dataset))):
+        batch = prepare_batch([dataset[i]], model.config.image_size)
+        present = torch.nonzero(batch["area"][0] >= MIN_PROMPT_PIXELS).flatten()
+        if present.numel() == 0:
+            continue
+        emb = model.encode_image(batch["images"].to(device))
+        logits, iou_pred = model.decode(emb, enc.tokens[present.to(device)])
+        best, _ = model.best_mask(logits, iou_pred)
+        pred = model.upsample_to_input(best[:, None])[:, 0] > 0
+        ious = mask_iou(pred.cpu(), batch["masks"][0, present])
+        for c, v in zip(present.tolist(), ious.tolist()):
+            per_class.setdefault(class_names[c], []).append(v)
+    model.train()
+    means = {k: float(np.mean(v)) for k, v in per_class.items()}
+    by_area = sorted(per_class, key=lambda k: -len(per_class[k]))
+    return {"val_mean_iou": float(np.mean(list(means.values()))) if means else float("nan"),
+            "val_per_class": means, "val_classes": len(means), "val_items": min(max_items, len(dataset)),
+            "_order": by_area}
+
+
+# ----------------------------------------------------------------------------------------- output
+def plot_curves(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_mean_iou" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        steps = [r["step"] for r in train]
+        axes[0].plot(steps, [r["loss"] for r in train], label="total")
+        axes[0].plot(steps, [r["mask"] for r in train], label="mask (focal+dice)")
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("step")
+        axes[0].legend()
+        axes[0].set_title("training loss")
+        axes[1].plot(steps, [r["iou_text"] for r in train], label="train IoU, text only", alpha=0.6)
+        pts = [r for r in train if "iou_points" in r]
+        if pts:
+            axes[1].plot([r["step"] for r in pts], [r["iou_points"] for r in pts], label="train IoU, +points",
+                         alpha=0.6)
+    if val:
+        axes[1].plot([r["step"] for r in val], [r["val_mean_iou"] for r in val], "o-", label="val IoU, text only")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend()
+    axes[1].set_title("IoU (best of 3 masks in training)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def manifest_sha256(roots: list[str]) -> str | None:
+    """Hash of the data folders' manifest.json files (in order), for provenance in model.json."""
+    digest = hashlib.sha256()
+    found = False
+    for root in roots:
+        path = Path(root) / "manifest.json"
+        if path.exists():
+            digest.update(path.read_bytes())
+            found = True
+    return digest.hexdigest() if found else None
+
+
+# ------------------------------------------------------------------------------------------- loop
+def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[int], Dataset],
+                 vocabulary, out_dir: str | os.PathLike, options: TrainOptions,
+                 val_dataset: Dataset | None = None, resume: str | os.PathLike | None = None,
+                 data_manifest_sha256: str | None = None) -> tuple[FluoroSAM, dict]:
+    """Train; ``make_train_dataset(epoch)`` is called every epoch (so new shards are picked up).
+
+    Returns this replica's trained model and the last logged metrics (rank 0). Rank 0 writes checkpoints, ``metrics.jsonl`` and ``training_curve.png``.
+    """
+    rank, world, local_rank = _dist_info()
+    device = torch.device(options.device if not options.device.startswith("cuda") or world == 1
+                          else f"cuda:{local_rank}")
+    if options.threads and device.type == "cpu":
+        torch.set_num_threads(options.threads)
+    out = Path(out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(options.seed)  # identical initial weights on every rank
+    dataset = make_train_dataset(0)
+    class_names = list(dataset.classes)
+    missing = [c for c in class_names if c not in vocabulary.names]
+    if missing:
+        raise ValueError(f"dataset classes not in the vocabulary: {missing[:5]}")
+
+    start_step = 0
+    if resume:
+        model, _ = load_checkpoint(resume)
+        model.train()
+    else:
+        model = FluoroSAM(model_config)
+    model.to(device)
+    bank = PhraseBank(model, vocabulary, class_names)
+    if not resume:
+        with torch.no_grad():
+            model.quantizer.initialize(model.project_text(bank.class_centroids().to(device)))
+    model.set_phrase_table(bank.embeddings)
+
+    generator = torch.Generator().manual_seed(options.seed * 1000 + rank)
+    step_module: nn.Module = TrainingStep(model, options, generator)
+    if world > 1:
+        # Interactive rounds and absent classes vary per rank, so some parameters go unused on some steps.
+        # Buffers are not broadcast every step: the VQ usage is synchronized at dead-code restarts instead.
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True, broadcast_buffers=False)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or "relative_position_bias_table" in name or "codebook" in name
+         else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=options.lr)
+    use_amp = options.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if resume and (Path(resume) / TRAIN_STATE_FILE).exists():
+        state = torch.load(Path(resume) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_step = int(state["step"])
+        generator.set_state(state["generators"][min(rank, len(state["generators"]) - 1)])
+
+    metrics_path = out / METRICS_FILE
+    last: dict = {}
+    t_start = time.time()
+    step = start_step
+    epoch = 0
+    samples_seen = 0
+    bar = tqdm(total=options.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True,
+               desc="train")
+    running: dict[str, float] = {}
+    model.train()
+    while step < options.steps:
+        if epoch > 0:
+            dataset = make_train_dataset(epoch)
+        sampler = (DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=options.seed,
+                                      drop_last=True) if world > 1 else None)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=options.batch, shuffle=sampler is None, sampler=sampler,
+                            num_workers=options.num_workers, collate_fn=_Collate(model_config.image_size),
+                            drop_last=True, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(options.seed + epoch))
+        if len(loader) == 0:
+            raise ValueError(f"training set has {len(dataset)} items, fewer than one batch of {options.batch}")
+        for batch in loader:
+            if step >= options.steps:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, options)
+            image_index, class_index = sample_prompts(batch["area"], options.prompts_per_image,
+                                                      options.absent_per_image, generator)
+            prompt_emb = bank.sample_for_classes(class_index, generator)
+            text_emb, text_labels = bank.sample_batch(options.text_batch, generator)
+            interactive = 0
+            if torch.rand((), generator=generator) < options.interactive_prob:
+                interactive = int(torch.randint(1, 4, (), generator=generator))
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                result = step_module(batch["images"].to(device), batch["masks"].to(device),
+                                     image_index.to(device), class_index.to(device), prompt_emb.to(device),
+                                     text_emb.to(device), text_labels.to(device), interactive)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(result["loss"]).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            samples_seen += batch["images"].shape[0] * world
+            if options.restart_every and step % options.restart_every == 0:
+                model.quantizer.restart_dead_codes(result["_vectors"])
+                if world > 1:  # every replica must keep rank 0's codebook
+                    dist.broadcast(model.quantizer.codebook.data, 0)
+                    dist.broadcast(model.quantizer.usage, 0)
+            for key in ("loss", "mask", "iou_head", "vq", "contrastive", "iou_text", "iou_points"):
+                if key in result:
+                    running.setdefault(key, []).append(float(result[key].detach()))
+            bar.update(1)
+            if rank == 0 and (step % options.log_every == 0 or step == options.steps):
+                elapsed = time.time() - t_start
+                last = {"step": step, "epoch": epoch, "lr": lr_at(step - 1, options),
+                        "grad_norm": float(grad_norm), "elapsed_s": round(elapsed, 1),
+                        "images_per_s": round(samples_seen / max(elapsed, 1e-9), 3),
+                        "prompts": int(image_index.numel()), "train_items": len(dataset),
+                        **{k: float(np.mean(v)) for k, v in running.items()}}
+                running = {}
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.set_postfix(loss=f"{last['loss']:.3f}", iou=f"{last['iou_text']:.3f}",
+                                img_s=f"{last['images_per_s']:.2f}")
+            if rank == 0 and val_dataset is not None and options.val_every and (
+                    step % options.val_every == 0 or step == options.steps):
+                val = quick_validate(model, val_dataset, class_names, bank, options.val_items, device)
+                val.pop("_order")
+                row = {"step": step, "val_mean_iou": val["val_mean_iou"], "val_classes": val["val_classes"]}
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                last.update(val)
+                tqdm.write(f"step {step}: val text-only mean IoU {val['val_mean_iou']:.3f} "
+                           f"over {val['val_classes']} classes")
+            if rank == 0 and (step % options.save_every == 0 or step == options.steps):
+                _save(model, out, optimizer, scaler, step, generator, options, model_config,
+                      vocabulary, data_manifest_sha256, last, time.time() - t_start, world)
+        epoch += 1
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    return model, last
+
+
+def _save(model, out, optimizer, scaler, step, generator, options, model_config, vocabulary,
+          data_manifest_sha256, last, elapsed, world) -> None:
+    meta = {"vocabulary_sha256": vocabulary.sha256, "data_manifest_sha256": data_manifest_sha256,
+            "metrics": {k: v for k, v in last.items() if not k.startswith("_")},
+            "training": {"steps": step, "world_size": world, "wall_time_s": round(elapsed, 1),
+                         "options": {k: v for k, v in asdict(options).items() if k != "extra_meta"},
+                         **options.extra_meta}}
+    previous = out / "model.json"
+    if previous.exists():  # keep calibration written by the evaluation step across resumed runs
+        old = json.loads(previous.read_text())
+        for key in ("oov", "min_score"):
+            if old.get(key) is not None:
+                meta[key] = old[key]
+    save_checkpoint(model, out, meta)
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "generators": [generator.get_state()]}, out / TRAIN_STATE_FILE)
+    if (out / METRICS_FILE).exists():
+        plot_curves(out / METRICS_FILE, out / "training_curve.png")
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainOptions()
+    parser.add_argument("--config", default="tiny", help="model config name (tiny | base | large)")
+    parser.add_argument("--data", action="append", required=True, help="shard folder (repeatable)")
+    parser.add_argument("--val", help="held-out shard folder for periodic validation")
+    parser.add_argument("--out", required=True, help="output checkpoint folder")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch", type=int, default=d.batch, help="images per step per process")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--warmup", type=int, default=d.warmup_steps)
+    parser.add_argument("--prompts-per-image", type=int, default=d.prompts_per_image)
+    parser.add_argument("--interactive-prob", type=float, default=d.interactive_prob)
+    parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--amp", action="store_true", help="float16 autocast + grad scaling (CUDA only)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--workers", type=int, default=d.num_workers, help="data loader worker processes")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--save-every", type=int, default=d.save_every)
+    parser.add_argument("--val-every", type=int, default=d.val_every)
+    parser.add_argument("--val-items", type=int, default=d.val_items)
+
+
+def main(args: argparse.Namespace) -> int:
+    from training.data.shards import ShardDataset
+    from training.vocabulary import Vocabulary
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("fluorosam train: --device cuda requested but CUDA is not available", file=sys.stderr)
+        return 2
+    distributed = init_distributed(args.device)
+    vocabulary = Vocabulary.load()
+    for root in args.data + ([args.val] if args.val else []):
+        if not (Path(root) / "manifest.json").exists():
+            print(f"fluorosam train: no manifest.json in {root}", file=sys.stderr)
+            return 2
+    options = TrainOptions(
+        steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
+        prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob, seed=args.seed,
+        device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
+        log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,
+        extra_meta={"command": "fluorosam train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "",
+                    "data": args.data, "val": args.val})
+
+    def make_train_dataset(epoch: int) -> Dataset:
+        parts = [ShardDataset(root, augment=True, seed=args.seed + 7919 * epoch) for root in args.data]
+        if any(p.classes != parts[0].classes for p in parts):
+            raise ValueError("all --data folders must share one class list (same vocabulary)")
+        dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+        dataset.classes = parts[0].classes
+        return dataset
+
+    val_dataset = ShardDataset(args.val, augment=False) if args.val else None
+    _, last = run_training(get_config(args.config), make_train_dataset, vocabulary, args.out, options,
+                           val_dataset=val_dataset, resume=args.resume,
+                           data_manifest_sha256=manifest_sha256(args.data))
+    if distributed:
+        dist.destroy_process_group()
+    if _dist_info()[0] == 0 and last:
+        print(json.dumps({k: v for k, v in last.items() if not isinstance(v, dict) and not k.startswith("_")}))
+    return 0
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m training.train ...
+    parser = argparse.ArgumentParser(prog="training.train")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
