@@ -1,0 +1,135 @@
+"""Renderer geometry and labels: analytic sphere phantom, laterality in AP and PA, group unions, tools."""
+import nibabel as nib
+import numpy as np
+import pytest
+
+from training.data.ct import load_ct, render_line_integrals
+from training.data.geometry import CArmPose, camera, sample_pose
+from training.data.render import ClassMasker, render_view
+from training.data.tools import Cylinder, Tool, make_tool, TOOL_NAMES
+from training.vocabulary import Vocabulary
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return Vocabulary.load()
+
+
+@pytest.fixture(scope="module")
+def example_ct():
+    """The bundled chest CT, downsampled to 5 mm so that the tests stay fast."""
+    return load_ct(voxel_mm=5.0)
+
+
+def _sphere_ct(tmp_path, center_ijk, radius_mm, spacing=2.0, shape=(96, 96, 96)):
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    inside = np.linalg.norm((ijk - np.array(center_ijk)) * spacing, axis=-1) <= radius_mm
+    hu = np.where(inside, 1000, 0).astype(np.int16)  # a bone sphere in a water cube
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "sphere.nii.gz")
+    nib.save(nib.Nifti1Image(inside.astype(np.uint8), affine), tmp_path / "sphere_labels.nii.gz")
+    return load_ct(tmp_path / "sphere.nii.gz", tmp_path / "sphere_labels.nii.gz", voxel_mm=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base,primary,secondary", [("AP", 0, 0), ("PA", 30, -20), ("AP", 90, 10)])
+def test_sphere_projects_to_predicted_disc(tmp_path, base, primary, secondary):
+    radius = 30.0
+    ct = _sphere_ct(tmp_path, center_ijk=(55, 40, 52), radius_mm=radius)
+    center = ct.voxel_to_world(np.array([55, 40, 52]))
+    pose = CArmPose(base, primary, secondary, sdd_mm=1000, sod_mm=700, fov_mm=240, isocenter=(0.0, 0.0, 0.0))
+    cam = camera(pose, SIZE)
+    targets = cam.targets()
+    _, hits = render_line_integrals(ct, cam.source, targets)
+    rendered = hits[1].numpy().reshape(SIZE, SIZE)
+    # analytic: pixels whose ray passes within `radius` of the centre
+    dirs = targets - cam.source
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    rel = center - cam.source
+    distance = np.linalg.norm(rel - (dirs @ rel)[:, None] * dirs, axis=1).reshape(SIZE, SIZE)
+    predicted = distance <= radius
+    pixel_at_sphere = cam.pixel_mm * (rel @ cam.direction) / cam.sod
+    wrong = rendered != predicted
+    assert predicted.sum() > 100
+    assert np.all(np.abs(distance[wrong] - radius) <= pixel_at_sphere), "mask differs from the disc by > 1 px"
+    rows, cols = np.nonzero(rendered)
+    col, row = cam.project(center)
+    assert abs(cols.mean() - col) < 0.5 and abs(rows.mean() - row) < 0.5
+
+
+def _column_of(masks, vocab, name):
+    m = masks[vocab.names.index(name)]
+    assert m.any(), name
+    return np.nonzero(m)[1].mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base,primary", [("AP", 0), ("PA", 0), ("AP", 30), ("PA", -40)])
+def test_patient_left_is_on_image_right(example_ct, vocab, base, primary):
+    pose = CArmPose(base, primary, 5, 1100, 750, 320, tuple(example_ct.anchors["chest"]))
+    view = render_view(example_ct, pose, SIZE, ClassMasker(vocab))
+    assert _column_of(view.masks, vocab, "left lung") > _column_of(view.masks, vocab, "right lung") + 10
+    assert _column_of(view.masks, vocab, "liver") < SIZE / 2  # the liver is on the patient's right
+    # head up: the trachea is above the liver
+    trachea_row = np.nonzero(view.masks[vocab.names.index("trachea")])[0].mean()
+    liver_row = np.nonzero(view.masks[vocab.names.index("liver")])[0].mean()
+    assert trachea_row < liver_row
+
+
+@pytest.mark.slow
+def test_pa_chest_is_a_mirror_of_the_source_view(example_ct, vocab):
+    cam = camera(CArmPose("PA", 0, 0, 1100, 750, 320, (0.0, 0.0, 0.0)), SIZE)
+    assert cam.mirrored
+    assert not camera(CArmPose("AP", 0, 0, 1100, 750, 320, (0.0, 0.0, 0.0)), SIZE).mirrored
+
+
+@pytest.mark.slow
+def test_group_masks_are_unions_of_members(example_ct, vocab):
+    rng = np.random.default_rng(3)
+    view = render_view(example_ct, sample_pose(rng, example_ct.anchors), SIZE, ClassMasker(vocab))
+    anatomy = {c.label_ids[0]: i for i, c in enumerate(vocab.classes) if c.kind == "anatomy"}
+    checked = 0
+    for g, cls in enumerate(vocab.classes):
+        if cls.kind == "group":
+            union = np.any([view.masks[anatomy[i]] for i in cls.label_ids], axis=0)
+            assert np.array_equal(view.masks[g], union), cls.name
+            checked += union.any()
+    assert checked >= 5
+
+
+@pytest.mark.slow
+def test_tool_is_visible_labelled_and_only_there(example_ct, vocab):
+    pose = CArmPose("AP", 0, 0, 1100, 750, 320, tuple(example_ct.anchors["chest"]))
+    masker = ClassMasker(vocab)
+    plain = render_view(example_ct, pose, SIZE, masker)
+    c = example_ct.anchors["heart"]
+    wire = Tool("k-wire", [Cylinder(c - np.array([60.0, 0, 40]), c + np.array([60.0, 0, 40]), 1.0, 40.0)])
+    with_tool = render_view(example_ct, pose, SIZE, masker, [wire])
+    mask = with_tool.masks[vocab.names.index("k-wire")]
+    assert not plain.masks[vocab.names.index("k-wire")].any()
+    assert mask.sum() >= 20
+    assert np.all(with_tool.image[mask] > plain.image[mask])
+    np.testing.assert_array_equal(with_tool.image[~mask], plain.image[~mask])
+    assert np.array_equal(np.delete(with_tool.masks, vocab.names.index("k-wire"), 0),
+                          np.delete(plain.masks, vocab.names.index("k-wire"), 0))
+    assert with_tool.tools == ["k-wire"]
+
+
+@pytest.mark.slow
+def test_every_tool_kind_lands_in_view(example_ct, vocab):
+    masker = ClassMasker(vocab)
+    pose = CArmPose("AP", 0, 0, 1100, 750, 330, tuple(example_ct.anchors["chest"]))
+    for k, name in enumerate(TOOL_NAMES):
+        tool = make_tool(name, np.random.default_rng(k), example_ct)
+        assert tool is not None, name
+        view = render_view(example_ct, pose, SIZE, masker, [tool])
+        assert view.masks[vocab.names.index(name)].any(), name
+
+
+def test_bad_pose_is_rejected():
+    with pytest.raises(ValueError, match="base"):
+        camera(CArmPose("LAT", 0, 0, 1000, 700, 300, (0.0, 0.0, 0.0)), 64)
+    with pytest.raises(ValueError, match="sod"):
+        camera(CArmPose("AP", 0, 0, 1000, 1200, 300, (0.0, 0.0, 0.0)), 64)
