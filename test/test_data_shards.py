@@ -1,0 +1,149 @@
+"""Shards, manifest, reader, augmentation, splits, eval-set export and the Ray backend."""
+import json
+
+import numpy as np
+import pytest
+
+from training.data.augment import domain_randomize
+from training.data.evalset import export_evalset
+from training.data.jobs import CTSpec, plan_jobs, render_dataset
+from training.data.shards import (ShardDataset, add_shard, new_manifest, read_manifest, split_by_ct, write_manifest,
+                                  write_shard)
+
+CLASSES = ["left lung", "right lung", "heart"]
+
+
+def _fake_folder(root, ct_ids=("a", "b", "c"), n=3, size=16):
+    """A shard folder written through the real writer, with known images and masks."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    manifest = new_manifest(size, CLASSES, "sha", {"views": n})
+    truth = {}
+    for ct in ct_ids:
+        images = rng.normal(50, 10, (n, size, size)).astype(np.float32)
+        masks = rng.random((n, len(CLASSES), size, size)) > 0.7
+        masks[:, 2] = False  # "heart" absent everywhere
+        write_shard(root / f"shard-{ct}-00000.npz", images, masks)
+        add_shard(manifest, f"shard-{ct}-00000.npz", ct,
+                  [{"seed": 100 * ord(ct) + k, "pose": {}, "tools": [], "present": []} for k in range(n)])
+        truth[ct] = (images, masks)
+    write_manifest(root, manifest)
+    return truth
+
+
+def test_manifest_and_shards_round_trip(tmp_path):
+    truth = _fake_folder(tmp_path)
+    data = ShardDataset(tmp_path)
+    assert data.classes == CLASSES and len(data) == 9
+    for i in range(len(data)):
+        sample = data[i]
+        images, masks = truth[sample["ct_id"]]
+        k = data.items[i]["index"]
+        np.testing.assert_allclose(sample["image"], images[k].astype(np.float16).astype(np.float32))
+        assert sample["masks"].dtype == bool and np.array_equal(sample["masks"], masks[k])
+        assert np.array_equal(sample["present"], masks[k].reshape(3, -1).any(-1))
+        assert sample["index"] == i
+    assert not any(f.name.endswith(".tmp") for f in tmp_path.iterdir())
+    with pytest.raises(IndexError):
+        data[9]
+
+
+def test_reader_filters_by_ct_and_refreshes(tmp_path):
+    _fake_folder(tmp_path, ct_ids=("a",))
+    data = ShardDataset(tmp_path, ct_ids=["a", "b"])
+    assert len(data) == 3
+    _fake_folder(tmp_path, ct_ids=("a", "b"))
+    data.refresh()
+    assert len(data) == 6 and {data[i]["ct_id"] for i in range(6)} == {"a", "b"}
+
+
+def test_split_by_ct_is_disjoint_and_reproducible(tmp_path):
+    _fake_folder(tmp_path, ct_ids=("a", "b", "c", "d", "e"))
+    train, val = split_by_ct(tmp_path, 0.4, seed=1)
+    assert len(val) == 2 and not set(train) & set(val) and set(train) | set(val) == set("abcde")
+    assert split_by_ct(tmp_path, 0.4, seed=1) == (train, val)
+    with pytest.raises(ValueError):
+        split_by_ct(tmp_path, 1.0, seed=1)
+
+
+def test_single_ct_is_never_split(tmp_path):
+    _fake_folder(tmp_path, ct_ids=("a",))
+    assert split_by_ct(tmp_path, 0.2, seed=0) == (["a"], [])
+
+
+def test_augmentation_is_reproducible_and_seed_dependent():
+    raw = np.random.default_rng(0).gamma(4, 10, (64, 64)).astype(np.float32)
+    a = domain_randomize(raw, seed=3, epoch=1, index=7)
+    assert np.array_equal(a, domain_randomize(raw, seed=3, epoch=1, index=7))
+    assert a.dtype == np.float32 and a.shape == raw.shape and 0 <= a.min() and a.max() <= 1
+    others = [domain_randomize(raw, seed=3, epoch=2, index=7), domain_randomize(raw, seed=4, epoch=1, index=7),
+              domain_randomize(raw, seed=3, epoch=1, index=8)]
+    assert all(not np.array_equal(a, o) for o in others)
+
+
+def test_augmented_dataset_keeps_masks_and_is_reproducible(tmp_path):
+    _fake_folder(tmp_path, ct_ids=("a",))
+    plain, augmented = ShardDataset(tmp_path), ShardDataset(tmp_path, augment=True, seed=5)
+    first = augmented[1]["image"]
+    assert np.array_equal(augmented[1]["masks"], plain[1]["masks"])
+    assert np.array_equal(first, augmented[1]["image"])
+    augmented.set_epoch(1)
+    assert not np.array_equal(first, augmented[1]["image"])
+
+
+def test_bad_manifest_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        ShardDataset(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 99}))
+    with pytest.raises(ValueError, match="version"):
+        read_manifest(tmp_path)
+
+
+def test_plan_is_deterministic_with_disjoint_seeds(tmp_path):
+    cts = [CTSpec("a"), CTSpec("b", "a.nii", "b.nii")]
+    jobs = plan_jobs(cts, tmp_path, views=10, size=64, seed=7, shard_size=4, tool_probability=0.5)
+    assert [j.file for j in jobs[:3]] == ["shard-a-00000.npz", "shard-a-00001.npz", "shard-a-00002.npz"]
+    seeds = [s for j in jobs for s in j.seeds]
+    assert len(seeds) == 20 == len(set(seeds)) and seeds[0] == 7
+    with pytest.raises(ValueError):
+        plan_jobs(cts, tmp_path, views=10, size=60, seed=0, shard_size=4, tool_probability=0.5)
+
+
+def test_export_evalset(tmp_path):
+    from PIL import Image
+
+    _fake_folder(tmp_path / "data", ct_ids=("a",))
+    manifest = export_evalset(tmp_path / "data", tmp_path / "eval", classes=["left lung", "heart"], progress=False)
+    assert len(manifest["items"]) == 3
+    item = json.loads((tmp_path / "eval" / "manifest.json").read_text())["items"][0]
+    image = np.array(Image.open(tmp_path / "eval" / item["image"]))
+    assert image.dtype == np.uint16 and image.shape == (16, 16)
+    assert list(item["masks"]) == ["left lung"]  # heart is absent, right lung not requested
+    mask = np.array(Image.open(tmp_path / "eval" / item["masks"]["left lung"])) > 0
+    assert np.array_equal(mask, ShardDataset(tmp_path / "data")[0]["masks"][0])
+    with pytest.raises(ValueError, match="not in the rendered data"):
+        export_evalset(tmp_path / "data", tmp_path / "eval2", classes=["banana"], progress=False)
+
+
+@pytest.mark.slow
+def test_ray_backend_renders_a_tiny_set(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        manifest = render_dataset([CTSpec("example", voxel_mm=8.0)], tmp_path, views=2, size=64, seed=11,
+                                  shard_size=1, backend="ray", progress=False)
+    finally:
+        ray.shutdown()
+    on_disk = read_manifest(tmp_path)
+    assert on_disk == manifest
+    assert [s["file"] for s in on_disk["shards"]] == ["shard-example-00000.npz", "shard-example-00001.npz"]
+    assert [it["seed"] for it in on_disk["items"]] == [11, 12]
+    assert "left lung" in on_disk["items"][0]["present"] or "right lung" in on_disk["items"][0]["present"]
+    data = ShardDataset(tmp_path)
+    assert len(data) == 2 and data[0]["masks"].shape == (len(on_disk["classes"]), 64, 64)
+    # a rerun with the same settings finds every shard done and renders nothing
+    again = render_dataset([CTSpec("example", voxel_mm=8.0)], tmp_path, views=2, size=64, seed=11, shard_size=1,
+                           progress=False)
+    assert again["items"] == on_disk["items"]
+    with pytest.raises(FileExistsError):
+        render_dataset([CTSpec("example", voxel_mm=8.0)], tmp_path, views=3, size=64, seed=11, progress=False)
