@@ -118,3 +118,18 @@ def test_ddp_two_gloo_processes_keep_replicas_identical(tmp_path):
     loaded, meta = load_checkpoint(tmp_path)  # rank 0's checkpoint is the replicas' weights
     assert meta["training"]["world_size"] == 2
     assert all(torch.equal(v, a[k]) for k, v in loaded.state_dict().items())
+
+
+def test_prepare_batch_crop_keeps_masks_aligned_with_pixels():
+    from training.train import prepare_batch
+
+    chest = EllipseChests(n=1, size=64)
+    item = dict(chest[0])
+    item["image"] = item["masks"][0].astype(np.float32) * 2.0 + 1.0  # the image IS the left-lung mask
+    for seed in range(6):
+        batch = prepare_batch([item], 64, crop_prob=1.0, seed=seed)
+        image, mask = batch["images"][0, 0], batch["masks"][0, 0]
+        assert batch["images"].shape == (1, 1, 64, 64) and batch["masks"].shape == (1, 4, 64, 64)
+        # Windowing maps mask pixels to 1 -> +2 and the rest (and the zero padding) to 0 -> -2.
+        assert torch.equal(image > 0, mask)
+        assert batch["area"][0, 0] == mask.sum()

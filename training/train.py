@@ -53,6 +53,7 @@ class TrainOptions:
     prompts_per_image: int = 8
     absent_per_image: int = 1
     interactive_prob: float = 0.5
+    crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
     contrastive_weight: float = 0.5
     vq_weight: float = 1.0
@@ -118,30 +119,58 @@ class PhraseBank:
 
 
 # ------------------------------------------------------------------------------------------- data
-def prepare_batch(items: list[dict], image_size: int) -> dict:
-    """Collate dataset items into model inputs: windowed + normalized images, masks at model size."""
+def random_crop_to_aspect(image: np.ndarray, masks: torch.Tensor, rng: np.random.Generator,
+                          min_aspect: float = 0.7) -> tuple[np.ndarray, torch.Tensor]:
+    """Crop a square render to a random portrait or landscape rectangle (aspect in [min_aspect, 1]).
+
+    Real frames are rarely square; the runtime letterboxes them (pad bottom/right), so training sees
+    the same padding instead of meeting it for the first time on real X-rays.
+    """
+    h, w = image.shape
+    aspect = rng.uniform(min_aspect, 1.0)
+    if rng.random() < 0.5:
+        new_w = max(8, round(w * aspect))
+        x0 = int(rng.integers(0, w - new_w + 1))
+        return image[:, x0:x0 + new_w], masks[:, :, x0:x0 + new_w]
+    new_h = max(8, round(h * aspect))
+    y0 = int(rng.integers(0, h - new_h + 1))
+    return image[y0:y0 + new_h], masks[:, y0:y0 + new_h]
+
+
+def prepare_batch(items: list[dict], image_size: int, crop_prob: float = 0.0, seed: int = 0) -> dict:
+    """Collate dataset items into model inputs exactly as the runtime does: window the frame, letterbox
+    it to the model size (pad bottom/right), normalize; masks go through the same letterbox (nearest).
+
+    ``crop_prob``: chance of first cropping an item to a non-square frame (training augmentation).
+    """
     images, masks = [], []
     for item in items:
-        image01 = window(np.asarray(item["image"], dtype=np.float32))
+        frame = np.asarray(item["image"], dtype=np.float32)
         m = torch.as_tensor(np.asarray(item["masks"]))
-        if image01.shape != (image_size, image_size):
-            if image01.shape[0] != image01.shape[1]:
-                raise ValueError(f"training images must be square, got {image01.shape}")
-            image01, _ = letterbox(image01, image_size)
-            m = F.interpolate(m[None].float(), size=(image_size, image_size), mode="nearest")[0] > 0.5
-        images.append(torch.from_numpy(normalize(image01).astype(np.float32)))
-        masks.append(m.bool())
+        if crop_prob:
+            rng = np.random.default_rng([seed, int(item.get("index", 0)), len(images)])
+            if rng.random() < crop_prob:
+                frame, m = random_crop_to_aspect(frame, m, rng)
+        image, geo = letterbox(window(frame), image_size)
+        if (geo.scaled_h, geo.scaled_w) != m.shape[1:]:
+            m = F.interpolate(m[None].float(), size=(geo.scaled_h, geo.scaled_w), mode="nearest")[0] > 0.5
+        padded = torch.zeros((m.shape[0], image_size, image_size), dtype=torch.bool)
+        padded[:, :geo.scaled_h, :geo.scaled_w] = m
+        images.append(torch.from_numpy(normalize(image).astype(np.float32)))
+        masks.append(padded)
     masks_t = torch.stack(masks)
     return {"images": torch.stack(images)[:, None], "masks": masks_t,
             "area": masks_t.flatten(2).sum(-1)}
 
 
 class _Collate:
-    def __init__(self, image_size: int) -> None:
+    def __init__(self, image_size: int, crop_prob: float, seed: int) -> None:
         self.image_size = image_size
+        self.crop_prob = crop_prob
+        self.seed = seed
 
     def __call__(self, items: list[dict]) -> dict:
-        return prepare_batch(items, self.image_size)
+        return prepare_batch(items, self.image_size, self.crop_prob, self.seed)
 
 
 def sample_prompts(area: Tensor, prompts_per_image: int, absent_per_image: int,
@@ -393,7 +422,8 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
         if sampler is not None:
             sampler.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=options.batch, shuffle=sampler is None, sampler=sampler,
-                            num_workers=options.num_workers, collate_fn=_Collate(model_config.image_size),
+                            num_workers=options.num_workers, collate_fn=_Collate(model_config.image_size, options.crop_prob,
+                                                                options.seed + 7919 * epoch),
                             drop_last=True, persistent_workers=False,
                             generator=torch.Generator().manual_seed(options.seed + epoch))
         if len(loader) == 0:
@@ -497,6 +527,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=d.warmup_steps)
     parser.add_argument("--prompts-per-image", type=int, default=d.prompts_per_image)
     parser.add_argument("--interactive-prob", type=float, default=d.interactive_prob)
+    parser.add_argument("--crop-prob", type=float, default=d.crop_prob,
+                        help="chance of cropping a render to a non-square frame before letterboxing")
     parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--amp", action="store_true", help="float16 autocast + grad scaling (CUDA only)")
@@ -525,13 +557,20 @@ def main(args: argparse.Namespace) -> int:
     options = TrainOptions(
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
         prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob, seed=args.seed,
+        crop_prob=args.crop_prob,
         device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
         log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,
         extra_meta={"command": "fluorosam train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "",
                     "data": args.data, "val": args.val})
 
+    parts = [ShardDataset(root, augment=True, seed=args.seed) for root in args.data]
+
     def make_train_dataset(epoch: int) -> Dataset:
-        parts = [ShardDataset(root, augment=True, seed=args.seed + 7919 * epoch) for root in args.data]
+        """Re-read the manifests (a render may still be adding shards) and reseed the augmentation."""
+        for part in parts:
+            if epoch:
+                part.refresh()
+            part.set_epoch(epoch)
         if any(p.classes != parts[0].classes for p in parts):
             raise ValueError("all --data folders must share one class list (same vocabulary)")
         dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
