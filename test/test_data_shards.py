@@ -147,3 +147,17 @@ def test_ray_backend_renders_a_tiny_set(tmp_path):
     assert again["items"] == on_disk["items"]
     with pytest.raises(FileExistsError):
         render_dataset([CTSpec("example", voxel_mm=8.0)], tmp_path, views=3, size=64, seed=11, progress=False)
+
+
+def test_cli_rejects_ct_without_labels(tmp_path, capsys):
+    import argparse
+
+    from training.data import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["render", "--ct", "a.nii.gz", "--views", "1", "--out", str(tmp_path)])
+    assert cli.main(args) == 2
+    assert "--labels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["render", "--example", "--ct", "a.nii.gz", "--views", "1", "--out", str(tmp_path)])

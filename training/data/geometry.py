@@ -144,7 +144,7 @@ def sample_pose(rng: np.random.Generator, anchors: dict[str, np.ndarray], family
     if family is None:
         shares = np.array([VIEW_FAMILIES[n][0] for n in names])
         family = names[int(rng.choice(len(names), p=shares / shares.sum()))]
-    share, base, primary, secondary, fov = VIEW_FAMILIES[family]
+    _, base, primary, secondary, fov = VIEW_FAMILIES[family]
     primary_deg = float(rng.uniform(*primary))
     if family == "lateral" and rng.random() < 0.5:
         primary_deg = -primary_deg

@@ -162,13 +162,12 @@ def _tube(points: np.ndarray, radius: float, mu: float, inner: float = 0.0) -> l
 
 
 def _j_tip(rng: np.random.Generator, path: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Append a curled tip (a J or pigtail) at the path's end."""
+    """Append a curled tip (a J or pigtail): an arc in the plane of the end tangent and a random normal."""
     tangent = _unit(path[-1] - path[-2])
     normal = _unit(np.cross(tangent, rng.normal(size=3)))
     angles = np.linspace(0, rng.uniform(np.pi * 0.8, np.pi * 1.6), 12)[1:]
     centre = path[-1] + normal * radius_mm
-    binormal = tangent
-    curl = centre - normal * radius_mm * np.cos(angles)[:, None] + binormal * radius_mm * np.sin(angles)[:, None]
+    curl = centre - normal * radius_mm * np.cos(angles)[:, None] + tangent * radius_mm * np.sin(angles)[:, None]
     return np.concatenate([path, curl])
 
 
