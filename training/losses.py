@@ -37,16 +37,18 @@ def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def multimask_loss(mask_logits: Tensor, iou_pred: Tensor, targets: Tensor) -> dict[str, Tensor]:
-    """mask_logits (N, K, H, W), iou_pred (N, K), targets bool (N, H, W).
+    """mask_logits (N, K, H, W), iou_pred (N, K), targets (N, H, W) bool or soft coverage in [0, 1].
 
     Segmentation loss is the minimum over the K masks (SAM's ambiguity-aware loss); the IoU head
-    regresses the true IoU of every mask. Returns the loss terms and the best masks' IoU.
+    regresses the true IoU of every mask (target = coverage >= 0.5). Returns the loss terms and the
+    best masks' IoU. Soft targets let the loss run at the decoder's low resolution without losing
+    structures thinner than a low-resolution pixel.
     """
     t = targets[:, None].float().expand_as(mask_logits)
     per_mask = FOCAL_WEIGHT * sigmoid_focal_loss(mask_logits, t) + dice_loss(mask_logits, t)
     best_loss, best = per_mask.min(dim=1)
     with torch.no_grad():
-        true_iou = mask_iou(mask_logits > 0, targets[:, None].expand_as(mask_logits))
+        true_iou = mask_iou(mask_logits > 0, t >= 0.5)
     iou_loss = F.mse_loss(iou_pred.float(), true_iou)
     rows = torch.arange(mask_logits.shape[0], device=mask_logits.device)
     return {"mask": best_loss.mean(), "iou_head": iou_loss, "best_iou": true_iou[rows, best].mean().detach(),

@@ -50,9 +50,9 @@ class TrainOptions:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    prompts_per_image: int = 8
+    prompts_per_image: int = 4
     absent_per_image: int = 1
-    interactive_prob: float = 0.5
+    interactive_prob: float = 0.4
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
     contrastive_weight: float = 0.5
@@ -238,20 +238,22 @@ class TrainingStep(nn.Module):
             vectors, torch.cat([class_index, text_labels]))
 
         embeddings = model.encode_image(images)[image_index]
-        targets = masks[image_index, class_index]
+        # Loss at the decoder's resolution (4x the embedding) against area-averaged soft targets:
+        # the decoder is most of a step's cost, upsampling every prompt's 3 masks would add more.
+        factor = model.config.image_size // model.config.mask_hw
+        targets = F.avg_pool2d(masks[image_index, class_index][:, None].float(), factor)[:, 0]
         logits, iou_pred = model.decode(embeddings, tokens)
-        full = model.upsample_to_input(logits)
-        first = multimask_loss(full, iou_pred, targets)
+        first = multimask_loss(logits, iou_pred, targets)
         loss = first["mask"] + first["iou_head"]
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
                "iou_text": first["best_iou"]}
         if interactive_points:
             rows = torch.arange(n_prompts, device=logits.device)
             prev_low = logits[rows, first["best_index"]].detach()[:, None]
-            prev_pred = full[rows, first["best_index"]].detach() > 0
-            coords, labels = sample_error_points(prev_pred, targets, interactive_points, generator)
+            coords, labels = sample_error_points(prev_low[:, 0] > 0, targets >= 0.5, interactive_points, generator)
+            coords = coords * factor + (factor - 1) / 2  # low-res pixel -> centre of its input-pixel block
             logits2, iou2 = model.decode(embeddings, tokens, coords, labels, prev_low)
-            second = multimask_loss(model.upsample_to_input(logits2), iou2, targets)
+            second = multimask_loss(logits2, iou2, targets)
             loss = loss + second["mask"] + second["iou_head"]
             out["iou_points"] = second["best_iou"]
         loss = loss + options.vq_weight * vq_loss + options.contrastive_weight * contrastive
