@@ -1,0 +1,118 @@
+"""Evaluation: exact oracles give IoU 1.0 / 0.0, clicks land in the error region, the CLI writes its outputs."""
+import argparse
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.evaluate import (EvalItem, add_arguments, calibrate_min_score, evaluate_items, iou_dice,
+                               load_eval_items, main, next_click, summarize)
+from training.model import FluoroSAM, get_config, save_checkpoint
+
+VALUES = {"left lung": 100, "right lung": 200}
+
+
+def _write_evalset(root, n=3, size=(40, 56)):
+    root.mkdir(parents=True, exist_ok=True)
+    items = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        image = np.zeros(size, np.uint8)
+        x0 = int(rng.integers(2, 10))
+        image[5:30, x0:x0 + 15] = VALUES["right lung"]  # patient's right on the image's left
+        image[5:30, x0 + 25:x0 + 40] = VALUES["left lung"]
+        Image.fromarray(image).save(root / f"img{i}.png")
+        masks = {}
+        for name, value in VALUES.items():
+            slug = name.replace(" ", "_")
+            Image.fromarray(((image == value) * 255).astype(np.uint8)).save(root / f"img{i}_{slug}.png")
+            masks[name] = f"img{i}_{slug}.png"
+        items.append({"image": f"img{i}.png", "masks": masks})
+    (root / "manifest.json").write_text(json.dumps({"items": items}))
+    return root
+
+
+class Oracle:
+    """Reads the answer off the synthetic frame (perfect) or answers nothing (empty)."""
+
+    def __init__(self, perfect: bool) -> None:
+        self.perfect = perfect
+        self.frame = None
+
+    def set_frame(self, frame):
+        self.frame = frame
+
+    def predict(self, prompts, clicks, previous):
+        names = [p if p in VALUES else p.split(":")[0] for p in prompts]
+        masks = [(self.frame == VALUES[n]) if self.perfect else np.zeros(self.frame.shape, bool) for n in names]
+        return masks, [1.0] * len(prompts), None
+
+    def refused(self, prompts):
+        return [p not in VALUES for p in prompts]
+
+
+@pytest.mark.parametrize("perfect,expected", [(True, 1.0), (False, 0.0)])
+def test_oracles_give_exact_iou(tmp_path, perfect, expected):
+    items = list(load_eval_items(_write_evalset(tmp_path)))
+    assert len(items) == 3 and items[0].masks["left lung"].dtype == bool
+    paraphrases = {"left lung": ["left lung:paraphrase"]}
+    raw = evaluate_items(Oracle(perfect), items, [0, 1, 3], paraphrases, show_progress=False)
+    metrics = summarize(raw, oov_refusal_rate=1.0, false_refusal_rate=0.0)
+    for k in ("0", "1", "3"):
+        assert metrics["points"][k]["mean_iou"] == expected
+        assert metrics["points"][k]["mean_dice"] == expected
+        assert metrics["points"][k]["per_class"]["right lung"] == {"iou": expected, "dice": expected, "n": 3}
+    assert metrics["paraphrase"]["mean_iou"] == expected and metrics["paraphrase"]["gap"] == 0.0
+
+
+def test_iou_dice_and_clicks():
+    a = np.zeros((10, 10), bool)
+    a[2:6, 2:6] = True
+    b = np.zeros_like(a)
+    b[2:6, 2:4] = True
+    assert iou_dice(a, b) == (0.5, pytest.approx(2 / 3))
+    assert iou_dice(np.zeros_like(a), np.zeros_like(a)) == (1.0, 1.0)
+    x, y, label = next_click(b, a)  # missed columns 4-5 -> positive click inside them
+    assert label == 1 and a[int(y), int(x)] and not b[int(y), int(x)]
+    x, y, label = next_click(a, b)  # false positive columns -> negative click there
+    assert label == 0 and a[int(y), int(x)] and not b[int(y), int(x)]
+    assert next_click(a, a) is None
+
+
+def test_min_score_separates_good_from_bad():
+    rows = [{"score": s, "iou": i} for s, i in [(0.9, 0.8), (0.8, 0.7), (0.3, 0.1), (0.2, 0.0), (0.6, 0.6)]]
+    assert calibrate_min_score(rows) == pytest.approx(0.6)
+
+
+def test_eval_set_mask_shape_mismatch_is_a_clear_error(tmp_path):
+    root = _write_evalset(tmp_path, n=1)
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(root / "img0_left_lung.png")
+    with pytest.raises(ValueError, match="does not match image"):
+        list(load_eval_items(root))
+
+
+@pytest.mark.slow
+def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
+    config = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
+                                 swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
+                                 codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    save_checkpoint(FluoroSAM(config), tmp_path / "model", {})
+    evalset = _write_evalset(tmp_path / "evalset", n=2, size=(50, 70))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "model"), "--eval-set", str(evalset), "--points", "0,2",
+                              "--out", str(tmp_path / "out"), "--calibrate", "--overlays", "2"])
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics["points"]) == {"0", "2"}
+    assert set(metrics["points"]["0"]["per_class"]) == {"left lung", "right lung"}
+    assert 0.0 <= metrics["points"]["2"]["mean_iou"] <= 1.0
+    assert 0.0 <= metrics["oov_refusal_rate"] <= 1.0
+    for name in ("metrics.md", "per_class_iou.png", "overlays.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    model_json = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert model_json["oov"]["vocab_similarity_min"] is not None and model_json["min_score"] is not None

@@ -1,0 +1,460 @@
+"""``fluorosam evaluate``: IoU / Dice per class, text-only and with simulated clicks, paraphrases, OOV refusal.
+
+Works on any eval-set folder (``manifest.json`` with image and per-prompt mask PNGs; real X-rays
+included) and on shard folders (rendered views, evaluated in place without augmentation). Frames
+go through ``engine.preprocess`` exactly as at runtime; masks are compared at the frame's resolution.
+
+Clicks follow SAM's protocol: each new click goes to the point farthest from the boundary of the
+largest error region (distance transform), positive in a missed region, negative in a false one;
+the previous low-resolution mask logits are fed back as the dense prompt.
+
+``--calibrate`` also writes the OOV thresholds (from in-vocabulary phrases only, so the refusal
+rate reported on the vocabulary's nonsense prompts stays an honest, held-out number) and
+``min_score`` (from the predicted-IoU vs true-IoU pairs of this eval set) into the model's model.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy.ndimage import distance_transform_edt
+from tqdm import tqdm
+
+from engine.preprocess import postprocess_masks, preprocess
+
+# Masks of fewer pixels than this are skipped (a structure cut by the image edge to a sliver).
+MIN_MASK_PIXELS = 16
+MIN_SCORE_USEFUL_IOU = 0.5  # min_score separates masks with IoU >= this from worse ones
+LARGEST_K = 15
+
+
+@dataclass
+class EvalItem:
+    id: str
+    image: np.ndarray  # frame as stored (uint8/uint16/float)
+    masks: dict[str, np.ndarray]  # prompt -> bool (H, W) at the frame's resolution
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode in ("RGB", "RGBA", "P", "LA"):
+            im = im.convert("L")
+        array = np.asarray(im)
+    if array.dtype == np.int32:  # PIL "I" mode for 16-bit PNGs
+        array = array.astype(np.uint16)
+    return array
+
+
+def load_eval_items(folder: str | Path, classes: list[str] | None = None,
+                    max_items: int | None = None) -> Iterator[EvalItem]:
+    """Items of an eval-set folder or a shard folder (detected by its manifest's ``shards`` key)."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no manifest.json in {folder}: not an eval-set or shard folder")
+    manifest = json.loads(manifest_path.read_text())
+    wanted = None if classes is None else set(classes)
+    if "shards" in manifest:
+        from training.data.shards import ShardDataset
+
+        dataset = ShardDataset(folder, augment=False)
+        n = len(dataset) if max_items is None else min(max_items, len(dataset))
+        for i in range(n):
+            item = dataset[i]
+            masks = {name: item["masks"][c] for c, name in enumerate(dataset.classes)
+                     if item["present"][c] and (wanted is None or name in wanted)}
+            yield EvalItem(f"{folder.name}-{i}", item["image"], masks)
+        return
+    if "items" not in manifest:
+        raise ValueError(f"{manifest_path}: expected an 'items' list (eval-set) or 'shards' (shard folder)")
+    for i, entry in enumerate(manifest["items"][:max_items]):
+        image = _read_png(folder / entry["image"])
+        masks = {}
+        for prompt, rel in entry["masks"].items():
+            if wanted is not None and prompt not in wanted:
+                continue
+            mask = _read_png(folder / rel) > 0
+            if mask.shape != image.shape[:2]:
+                raise ValueError(f"{rel}: mask {mask.shape} does not match image {image.shape[:2]}")
+            masks[prompt] = mask
+        yield EvalItem(str(entry.get("id", Path(entry["image"]).stem)), image, masks)
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def iou_dice(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """IoU and Dice of boolean masks; both empty counts as a perfect 1.0."""
+    inter = np.logical_and(pred, gt).sum()
+    total = pred.sum() + gt.sum()
+    union = total - inter
+    if union == 0:
+        return 1.0, 1.0
+    return float(inter / union), float(2 * inter / total)
+
+
+def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, int] | None:
+    """Click at the interior-most pixel of the larger error region: (x, y, label) or None if perfect."""
+    best = None
+    for error, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
+        if not error.any():
+            continue
+        dist = distance_transform_edt(np.pad(error, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        if best is None or dist[y, x] > best[0]:
+            best = (dist[y, x], (float(x), float(y), label))
+    return None if best is None else best[1]
+
+
+# -------------------------------------------------------------------------------------- predictor
+class Predictor(Protocol):
+    """What the evaluation needs from a model (the torch model here; the tests use exact oracles)."""
+
+    def set_frame(self, frame: np.ndarray) -> None: ...
+
+    def predict(self, prompts: list[str], clicks: list[list[tuple[float, float, int]]] | None,
+                previous) -> tuple[list[np.ndarray], list[float], object]: ...
+
+    def refused(self, prompts: list[str]) -> list[bool]: ...
+
+
+class TorchPredictor:
+    """The checkpoint in torch, through the runtime's pre/post-processing."""
+
+    def __init__(self, model, device: str = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self._embedding = None
+        self._geo = None
+
+    @torch.no_grad()
+    def set_frame(self, frame: np.ndarray) -> None:
+        image, self._geo = preprocess(frame, self.model.config.image_size)
+        self._embedding = self.model.encode_image(torch.from_numpy(image).to(self.device))
+
+    @torch.no_grad()
+    def predict(self, prompts, clicks, previous, chunk: int = 32):
+        """Decode in chunks of ``chunk`` prompts (an embedding copy per prompt adds up on CPU)."""
+        if len(prompts) > chunk:
+            parts = [self.predict(prompts[i:i + chunk], clicks[i:i + chunk] if clicks else None,
+                                  previous[i:i + chunk] if previous is not None else None, chunk)
+                     for i in range(0, len(prompts), chunk)]
+            return ([m for p in parts for m in p[0]], [s for p in parts for s in p[1]],
+                    torch.cat([p[2] for p in parts]))
+        enc = self.model.encode_text(prompts)
+        coords = labels = None
+        if clicks:
+            longest = max(len(c) for c in clicks)
+            coords = np.zeros((len(prompts), longest, 2), np.float32)
+            labels = -np.ones((len(prompts), longest), np.int64)
+            for k, prompt_clicks in enumerate(clicks):
+                for j, (x, y, label) in enumerate(prompt_clicks):
+                    coords[k, j] = self._geo.to_input(np.array([x, y]))
+                    labels[k, j] = label
+            coords = torch.from_numpy(coords).to(self.device)
+            labels = torch.from_numpy(labels).to(self.device)
+        logits, iou_pred = self.model.decode(self._embedding, enc.tokens, coords, labels, previous)
+        best, score = self.model.best_mask(logits, iou_pred)
+        masks = postprocess_masks(best.float().cpu(), self._geo) > 0
+        return list(masks.numpy()), score.float().cpu().tolist(), best[:, None]
+
+    @torch.no_grad()
+    def refused(self, prompts):
+        return self.model.encode_text(prompts).oov.cpu().tolist()
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def evaluate_items(predictor: Predictor, items, point_counts: list[int],
+                   paraphrases: dict[str, list[str]] | None = None, overlay_limit: int = 0,
+                   show_progress: bool = True) -> dict:
+    """Run the protocol over items; returns raw records (aggregate them with :func:`summarize`)."""
+    max_points = max(point_counts)
+    records: dict[int, list[dict]] = {k: [] for k in point_counts}
+    paraphrase_records: list[dict] = []
+    overlays: list[dict] = []
+    areas: dict[str, list[int]] = {}
+    for item in tqdm(items, desc="evaluate", unit="img", disable=not show_progress):
+        prompts = [p for p, m in item.masks.items() if m.sum() >= MIN_MASK_PIXELS]
+        if not prompts:
+            continue
+        gts = [item.masks[p] for p in prompts]
+        for p, g in zip(prompts, gts):
+            areas.setdefault(p, []).append(int(g.sum()))
+        predictor.set_frame(item.image)
+        clicks: list[list[tuple[float, float, int]]] = [[] for _ in prompts]
+        previous = None
+        preds: list[np.ndarray] = []
+        for round_index in range(max_points + 1):
+            if round_index:
+                for k, (pred, gt) in enumerate(zip(preds, gts)):
+                    click = next_click(pred, gt)
+                    # A perfect mask gets a repeated last click, or a padding point when there is none.
+                    clicks[k].append(click if click is not None else (clicks[k][-1] if clicks[k] else (0., 0., -1)))
+            preds, scores, previous = predictor.predict(prompts, clicks if round_index else None,
+                                                        previous if round_index else None)
+            if round_index in records:
+                for prompt, pred, gt, score in zip(prompts, preds, gts, scores):
+                    iou, dice = iou_dice(pred, gt)
+                    records[round_index].append({"item": item.id, "prompt": prompt, "iou": iou, "dice": dice,
+                                                 "score": float(score)})
+            if round_index == 0 and len(overlays) < overlay_limit:
+                overlays.append({"id": item.id, "image": item.image, "prompts": prompts, "gts": gts, "preds": preds})
+        if paraphrases:
+            text_iou = {r["prompt"]: r["iou"] for r in records[0] if r["item"] == item.id} if 0 in records else {}
+            for prompt, gt in zip(prompts, gts):
+                phrases = paraphrases.get(prompt, [])
+                if not phrases:
+                    continue
+                preds_p, _, _ = predictor.predict(phrases, None, None)
+                for phrase, pred in zip(phrases, preds_p):
+                    iou, dice = iou_dice(pred, gt)
+                    paraphrase_records.append({"item": item.id, "class": prompt, "phrase": phrase, "iou": iou,
+                                               "dice": dice, "name_iou": text_iou.get(prompt)})
+    return {"records": records, "paraphrase": paraphrase_records, "overlays": overlays,
+            "mean_area": {k: float(np.mean(v)) for k, v in areas.items()}}
+
+
+def _aggregate(rows: list[dict], key: str = "prompt") -> dict:
+    per_class: dict[str, dict] = {}
+    for row in rows:
+        entry = per_class.setdefault(row[key], {"iou": [], "dice": []})
+        entry["iou"].append(row["iou"])
+        entry["dice"].append(row["dice"])
+    per_class = {k: {"iou": float(np.mean(v["iou"])), "dice": float(np.mean(v["dice"])), "n": len(v["iou"])}
+                 for k, v in sorted(per_class.items())}
+    return {"mean_iou": float(np.mean([v["iou"] for v in per_class.values()])) if per_class else float("nan"),
+            "mean_dice": float(np.mean([v["dice"] for v in per_class.values()])) if per_class else float("nan"),
+            "per_class": per_class}
+
+
+def summarize(raw: dict, oov_refusal_rate: float | None = None, false_refusal_rate: float | None = None) -> dict:
+    """The metrics.json document. Means are over classes (each class weighs the same)."""
+    largest = sorted(raw["mean_area"], key=lambda k: -raw["mean_area"][k])[:LARGEST_K]
+    out: dict = {"points": {}, "largest_classes": largest}
+    for k, rows in raw["records"].items():
+        entry = _aggregate(rows)
+        sub = [r for r in rows if r["prompt"] in largest]
+        entry[f"largest{LARGEST_K}_mean_iou"] = _aggregate(sub)["mean_iou"]
+        out["points"][str(k)] = entry
+    if raw["paraphrase"]:
+        para = _aggregate(raw["paraphrase"], key="class")
+        classes = set(para["per_class"])
+        names = {k: v for k, v in out["points"].get("0", {}).get("per_class", {}).items() if k in classes}
+        name_mean = float(np.mean([v["iou"] for v in names.values()])) if names else float("nan")
+        para["class_name_mean_iou"] = name_mean
+        para["gap"] = name_mean - para["mean_iou"]
+        out["paraphrase"] = para
+    else:
+        out["paraphrase"] = {}
+    out["oov_refusal_rate"] = oov_refusal_rate
+    out["in_vocabulary_refusal_rate"] = false_refusal_rate
+    return out
+
+
+# ------------------------------------------------------------------------------------ calibration
+def calibrate_oov(model, vocabulary, keep_fraction: float = 0.98) -> dict:
+    """OOV thresholds that accept ``keep_fraction`` of held-out in-vocabulary paraphrases.
+
+    Only in-vocabulary phrases are used, so the refusal rate on ``vocabulary.oov_examples`` is measured
+    on prompts the thresholds never saw.
+    """
+    phrases = [p for name in vocabulary.names for p in [name, *vocabulary.heldout_phrases(name)]]
+    with torch.no_grad():
+        enc = model.encode_text(phrases)
+    q = 1 - keep_fraction
+    return {"code_distance_max": float(torch.quantile(enc.code_distance, keep_fraction)),
+            "vocab_similarity_min": float(torch.quantile(enc.vocab_similarity, q)),
+            "calibration": {"phrases": len(phrases), "keep_fraction": keep_fraction}}
+
+
+def calibrate_min_score(rows: list[dict]) -> float:
+    """Predicted-IoU threshold that best separates useful masks (IoU >= 0.5) from the rest (balanced accuracy)."""
+    scores = np.array([r["score"] for r in rows])
+    useful = np.array([r["iou"] >= MIN_SCORE_USEFUL_IOU for r in rows])
+    if useful.all() or not useful.any():
+        return float(scores.min()) if len(scores) else 0.0
+    best, best_acc = 0.0, -1.0
+    for t in np.unique(np.round(scores, 3)):
+        accept = scores >= t
+        acc = 0.5 * (accept[useful].mean() + (~accept[~useful]).mean())
+        if acc > best_acc:
+            best, best_acc = float(t), acc
+    return best
+
+
+# ----------------------------------------------------------------------------------------- output
+def write_markdown(metrics: dict, path: Path, title: str) -> None:
+    counts = sorted(metrics["points"], key=int)
+    lines = [f"# {title}", "", "| class | n | " + " | ".join(f"IoU {c} pt" for c in counts) + " |",
+             "|---|---|" + "---|" * len(counts)]
+    classes = list(metrics["points"][counts[0]]["per_class"])
+    for name in classes:
+        row = [metrics["points"][c]["per_class"][name] for c in counts]
+        lines.append(f"| {name} | {row[0]['n']} | " + " | ".join(f"{r['iou']:.3f}" for r in row) + " |")
+    lines.append("| **mean (classes)** | | " + " | ".join(f"**{metrics['points'][c]['mean_iou']:.3f}**"
+                                                         for c in counts) + " |")
+    key = f"largest{LARGEST_K}_mean_iou"
+    lines.append(f"| **mean ({LARGEST_K} largest)** | | " + " | ".join(
+        f"**{metrics['points'][c][key]:.3f}**" for c in counts) + " |")
+    lines.append("")
+    lines.append("| mean Dice | " + " | ".join(f"{c} pt: {metrics['points'][c]['mean_dice']:.3f}" for c in counts)
+                 + " |")
+    lines.append("|---|" + "---|" * len(counts))
+    para = metrics.get("paraphrase") or {}
+    if para:
+        lines += ["", f"Held-out paraphrases (text only): mean IoU {para['mean_iou']:.3f} vs class names "
+                  f"{para['class_name_mean_iou']:.3f} on the same classes (gap {para['gap']:+.3f})."]
+    if metrics.get("oov_refusal_rate") is not None:
+        lines += ["", f"Nonsense prompts refused: {100 * metrics['oov_refusal_rate']:.1f}%; in-vocabulary "
+                  f"prompts refused: {100 * metrics['in_vocabulary_refusal_rate']:.1f}%."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_per_class(metrics: dict, path: Path, max_classes: int = 40) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted(metrics["points"], key=int)
+    per0 = metrics["points"][counts[0]]["per_class"]
+    order = [c for c in metrics.get("largest_classes", []) if c in per0]
+    order += sorted((c for c in per0 if c not in order), key=lambda c: -per0[c]["n"])
+    order = order[:max_classes]
+    width = 0.8 / len(counts)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(order) + 2), 4))
+    for j, c in enumerate(counts):
+        values = [metrics["points"][c]["per_class"][name]["iou"] for name in order]
+        ax.bar(np.arange(len(order)) + j * width, values, width, label=f"{c} points")
+    ax.set_xticks(np.arange(len(order)) + 0.4 - width / 2)
+    ax.set_xticklabels(order, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_overlays(overlays: list[dict], path: Path, columns: int = 4, max_prompts: int = 3) -> None:
+    """Grid: frame with ground truth (outline) and text-only prediction (fill) for a few prompts each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engine.preprocess import window
+
+    if not overlays:
+        return
+    rows = (len(overlays) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    colors = [(1, 0.2, 0.2), (0.2, 0.6, 1), (1, 0.85, 0.1)]
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, ov in zip(axes.flat, overlays):
+        base = window(np.asarray(ov["image"]))
+        rgb = np.repeat(base[..., None], 3, axis=2)
+        chosen = sorted(range(len(ov["prompts"])), key=lambda k: -ov["gts"][k].sum())[:max_prompts]
+        for color, k in zip(colors, chosen):
+            rgb[ov["preds"][k]] = 0.55 * rgb[ov["preds"][k]] + 0.45 * np.array(color)
+        ax.imshow(rgb)
+        for color, k in zip(colors, chosen):
+            ax.contour(ov["gts"][k], levels=[0.5], colors=[color], linewidths=0.8)
+        ax.set_title("\n".join(ov["prompts"][k] for k in chosen), fontsize=7)
+    fig.suptitle("text-only prediction (fill) vs ground truth (outline)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled default model)")
+    parser.add_argument("--eval-set", required=True, help="eval-set folder (manifest.json) or a shard folder")
+    parser.add_argument("--points", default="0,1,3,5", help="click counts to report, comma-separated")
+    parser.add_argument("--out", required=True, help="output folder for metrics.json, metrics.md and PNGs")
+    parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these prompts")
+    parser.add_argument("--max-items", type=int, default=None)
+    parser.add_argument("--no-paraphrases", action="store_true", help="skip the held-out paraphrase run")
+    parser.add_argument("--paraphrases-per-class", type=int, default=3,
+                        help="held-out paraphrases tried per class (spread over the class's list)")
+    parser.add_argument("--overlays", type=int, default=8, help="items shown in the overlay grid")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="write OOV thresholds and min_score from this eval set into the model's model.json")
+
+
+def _spread(values: list, k: int) -> list:
+    """Up to ``k`` items evenly spread over ``values`` (deterministic)."""
+    if len(values) <= k:
+        return list(values)
+    return [values[round(i * (len(values) - 1) / max(1, k - 1))] for i in range(k)]
+
+
+def main(args: argparse.Namespace) -> int:
+    from fluorosam_ros.paths import default_model_dir
+    from training.model import load_checkpoint
+    from training.model.checkpoint import META_FILE
+    from training.vocabulary import Vocabulary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        point_counts = sorted({int(p) for p in args.points.split(",") if p.strip()})
+    except ValueError:
+        print(f"fluorosam evaluate: --points must be comma-separated integers, got {args.points!r}", file=sys.stderr)
+        return 2
+    if not point_counts or point_counts[0] < 0:
+        print("fluorosam evaluate: --points needs non-negative counts", file=sys.stderr)
+        return 2
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    if not (Path(args.eval_set) / "manifest.json").exists():
+        print(f"fluorosam evaluate: no manifest.json in {args.eval_set}", file=sys.stderr)
+        return 2
+    model, meta = load_checkpoint(model_dir, device=args.device)
+    vocabulary = Vocabulary.load()
+    if args.calibrate:
+        oov = calibrate_oov(model, vocabulary)
+        model.set_oov_thresholds(oov["code_distance_max"], oov["vocab_similarity_min"])
+    predictor = TorchPredictor(model, args.device)
+    paraphrases = None
+    if not args.no_paraphrases:
+        paraphrases = {name: _spread(vocabulary.heldout_phrases(name), args.paraphrases_per_class)
+                       for name in vocabulary.names}
+    items = load_eval_items(args.eval_set, args.classes, args.max_items)
+    raw = evaluate_items(predictor, items, point_counts, paraphrases, overlay_limit=args.overlays)
+    oov_flags = predictor.refused(vocabulary.oov_examples) if vocabulary.oov_examples else []
+    in_vocab = [p for name in vocabulary.names for p in [name, *vocabulary.heldout_phrases(name)]]
+    metrics = summarize(raw, float(np.mean(oov_flags)) if oov_flags else None,
+                        float(np.mean(predictor.refused(in_vocab))))
+    metrics["model"] = str(model_dir)
+    metrics["eval_set"] = str(args.eval_set)
+    metrics["items"] = len({r["item"] for rows in raw["records"].values() for r in rows})
+    if args.calibrate:
+        min_score = calibrate_min_score(raw["records"][point_counts[0]])
+        meta_path = model_dir / META_FILE
+        document = json.loads(meta_path.read_text())
+        document["oov"] = oov
+        document["min_score"] = min_score
+        meta_path.write_text(json.dumps(document, indent=1) + "\n")
+        metrics["calibrated"] = {"oov": oov, "min_score": min_score}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_markdown(metrics, out / "metrics.md", f"FluoroSAM evaluation: {Path(args.eval_set).name}")
+    plot_per_class(metrics, out / "per_class_iou.png")
+    plot_overlays(raw["overlays"], out / "overlays.png")
+    summary = {k: round(v[f"largest{LARGEST_K}_mean_iou"], 4) for k, v in metrics["points"].items()}
+    print(json.dumps({"mean_iou": {k: round(v["mean_iou"], 4) for k, v in metrics["points"].items()},
+                      f"largest{LARGEST_K}_mean_iou": summary,
+                      "paraphrase_gap": metrics["paraphrase"].get("gap"),
+                      "oov_refusal_rate": metrics["oov_refusal_rate"]}))
+    return 0
