@@ -75,11 +75,14 @@ def test_sample_prompts_and_error_points():
 @pytest.mark.slow
 def test_short_training_lowers_loss_and_resumes(tmp_path):
     vocabulary = Vocabulary.load()
-    _, last = run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path, _options(steps=40))
+    _, last = run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path,
+                           _options(steps=40, val_every=20, val_items=2), val_dataset=EllipseChests(n=2, seed=1))
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.7 * losses[0], losses
     assert last["step"] == 40 and (tmp_path / "training_curve.png").stat().st_size > 0
+    assert 0.0 <= last["val_mean_iou"] <= 1.0 and set(last["val_per_class"]) <= set(CLASSES)
+    assert [r["step"] for r in rows if "val_mean_iou" in r] == [20, 40]
     model, meta = load_checkpoint(tmp_path)
     assert meta["vocabulary_sha256"] == vocabulary.sha256 and meta["training"]["steps"] == 40
     assert model.phrase_table.shape[0] == sum(len(vocabulary.training_phrases(c)) for c in CLASSES)
