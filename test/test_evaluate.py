@@ -105,7 +105,8 @@ def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--model", str(tmp_path / "model"), "--eval-set", str(evalset), "--points", "0,2",
-                              "--out", str(tmp_path / "out"), "--calibrate", "--overlays", "2"])
+                              "--out", str(tmp_path / "out"), "--calibrate", "--overlays", "2",
+                              "--record-as", "synthetic"])
     assert main(args) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics["points"]) == {"0", "2"}
@@ -116,3 +117,5 @@ def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     model_json = json.loads((tmp_path / "model" / "model.json").read_text())
     assert model_json["oov"]["vocab_similarity_min"] is not None and model_json["min_score"] is not None
+    recorded = model_json["metrics"]["synthetic"]
+    assert recorded["points"]["2"]["mean_iou"] == metrics["points"]["2"]["mean_iou"]

@@ -388,8 +388,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlays", type=int, default=8, help="items shown in the overlay grid")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--record-as", default=None,
+                        help="also store this evaluation's summary in the model's model.json metrics under this key")
     parser.add_argument("--calibrate", action="store_true",
                         help="write OOV thresholds and min_score from this eval set into the model's model.json")
+
+
+def summary_for_model_json(metrics: dict) -> dict:
+    """The headline numbers of an evaluation (per-class tables stay in metrics.json)."""
+    keep = ("mean_iou", "mean_dice", f"largest{LARGEST_K}_mean_iou")
+    out = {"points": {k: {key: v[key] for key in keep} for k, v in metrics["points"].items()},
+           "oov_refusal_rate": metrics["oov_refusal_rate"],
+           "in_vocabulary_refusal_rate": metrics["in_vocabulary_refusal_rate"],
+           "items": metrics.get("items"), "eval_set": metrics.get("eval_set")}
+    if metrics.get("paraphrase"):
+        out["paraphrase"] = {k: metrics["paraphrase"][k] for k in ("mean_iou", "class_name_mean_iou", "gap")}
+    return out
 
 
 def _spread(values: list, k: int) -> list:
@@ -438,14 +452,17 @@ def main(args: argparse.Namespace) -> int:
     metrics["model"] = str(model_dir)
     metrics["eval_set"] = str(args.eval_set)
     metrics["items"] = len({r["item"] for rows in raw["records"].values() for r in rows})
-    if args.calibrate:
-        min_score = calibrate_min_score(raw["records"][point_counts[0]])
+    if args.calibrate or args.record_as:
         meta_path = model_dir / META_FILE
         document = json.loads(meta_path.read_text())
-        document["oov"] = oov
-        document["min_score"] = min_score
+        if args.calibrate:
+            min_score = calibrate_min_score(raw["records"][point_counts[0]])
+            document["oov"] = oov
+            document["min_score"] = min_score
+            metrics["calibrated"] = {"oov": oov, "min_score": min_score}
+        if args.record_as:
+            document.setdefault("metrics", {})[args.record_as] = summary_for_model_json(metrics)
         meta_path.write_text(json.dumps(document, indent=1) + "\n")
-        metrics["calibrated"] = {"oov": oov, "min_score": min_score}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
