@@ -1,0 +1,38 @@
+"""ONNX Runtime backend (CPU execution provider) over the exported graphs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engine.export import DECODER_FILE, DECODER_INPUTS, ENCODER_FILE
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, onnx_dir: str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        # Idle ORT workers must not spin: the post-processing (torch) runs right after each call.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        onnx_dir = Path(onnx_dir)
+        self.encoder = ort.InferenceSession(str(onnx_dir / ENCODER_FILE), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(onnx_dir / DECODER_FILE), options, providers=providers)
+        self._encoder_input = self.encoder.get_inputs()[0].name
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        return self.encoder.run(None, {self._encoder_input: np.ascontiguousarray(image, np.float32)})[0]
+
+    def decode(self, embedding, text_tokens, point_coords, point_labels, mask_input, has_mask_input):
+        arrays = (embedding, text_tokens, point_coords, point_labels, mask_input, has_mask_input)
+        feeds = {name: np.ascontiguousarray(a, np.float32) for name, a in zip(DECODER_INPUTS, arrays)}
+        masks, scores, ious = self.decoder.run(None, feeds)
+        return masks, scores, ious

@@ -1,0 +1,297 @@
+"""ONNX export: ``fluorosam export --model DIR --out DIR``.
+
+Two graphs, as segment-anything's ONNX export does it: export-only wrapper modules with no
+data-dependent control flow and fixed shapes except the prompt count K (and the point count P):
+
+* ``image_encoder.onnx``: image (1, 1, S, S) normalized -> image_embedding (1, 256, h, w)
+* ``prompt_decoder.onnx``: image_embedding (1, 256, h, w), text_tokens (K, 256), point_coords (K, P, 2)
+  model-input pixels, point_labels (K, P) float (1 positive, 0 negative, -1 padding), mask_input
+  (K, 1, 4h, 4w) logits, has_mask_input (K, 1) -> masks (K, 4h, 4w) best-mask logits, scores (K,) its
+  predicted IoU, iou_predictions (K, 3). The best of the 3 masks is picked inside the graph.
+
+SAM appends one padding point whenever points are given; the graph does not (that would be control
+flow), so callers pass P = 0 for text-only prompts and append the padding point themselves
+(:func:`pack_points`). Also written: ``text_tokens.safetensors`` (every training phrase of the
+vocabulary -> token, code, distances, OOV flag, so a runtime needs no sentence encoder for them) and
+``export.json`` (sizes, opset, sha256 of every file and of the checkpoint it came from).
+
+The same wrapper modules are the ``torch`` backend's graph, so every backend runs one definition.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ENCODER_FILE = "image_encoder.onnx"
+DECODER_FILE = "prompt_decoder.onnx"
+TEXT_TABLE_FILE = "text_tokens.safetensors"
+EXPORT_META_FILE = "export.json"
+OPSET = 17  # LayerNormalization is a single op from 17 on, which TensorRT 10 maps to its normalization layer
+ENCODER_INPUTS = ["image"]
+ENCODER_OUTPUTS = ["image_embedding"]
+DECODER_INPUTS = ["image_embedding", "text_tokens", "point_coords", "point_labels", "mask_input", "has_mask_input"]
+DECODER_OUTPUTS = ["masks", "scores", "iou_predictions"]
+
+
+class ChannelLayerNorm(nn.Module):
+    """SAM's LayerNorm2d as one ``F.layer_norm`` over channels, so it exports as a single ONNX
+    LayerNormalization (TensorRT's normalization layer, kept in FP32) instead of a chain of
+    ReduceMean/Pow/Sqrt that FP16 overflows in. Shares the original's parameters."""
+
+    def __init__(self, norm) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        self.channels = int(norm.weight.shape[0])  # a Python int: the traced graph keeps it constant
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def with_channel_layernorm(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose LayerNorm2d children are :class:`ChannelLayerNorm` (same numbers)."""
+    from segment_anything.modeling.common import LayerNorm2d
+
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LayerNorm2d):
+                setattr(parent, name, ChannelLayerNorm(child))
+    return module
+
+
+class ImageEncoderExport(nn.Module):
+    """(1, 1, S, S) normalized image -> (1, 256, h, w) embedding."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.image_encoder = with_channel_layernorm(model.image_encoder)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.image_encoder(image)
+
+
+class PromptDecoderExport(nn.Module):
+    """K prompts on one shared embedding -> best-mask logits, its score and all three scores.
+
+    Point embedding and the dense mask prompt are written with arithmetic masks instead of SAM's
+    boolean indexing, so the graph has no data-dependent shapes (as segment-anything's onnx export).
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        config = model.config
+        self.prompt_encoder = with_channel_layernorm(model.prompt_encoder)
+        self.mask_decoder = with_channel_layernorm(model.mask_decoder)
+        self.input_size = float(config.image_size)
+        # The dense positional encoding depends only on the grid size: a constant of the graph.
+        with torch.no_grad():
+            self.register_buffer("image_pe", model.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
+
+    def _embed_points(self, point_coords: Tensor, point_labels: Tensor) -> Tensor:
+        pe = self.prompt_encoder.pe_layer
+        coords = (point_coords + 0.5) / self.input_size
+        embedding = pe._pe_encoding(coords)  # (K, P, 256)
+        labels = point_labels.unsqueeze(-1)
+        is_pad = (labels == -1).to(embedding.dtype)
+        embedding = embedding * (1 - is_pad) + self.prompt_encoder.not_a_point_embed.weight * is_pad
+        for value in (0, 1):
+            embedding = embedding + self.prompt_encoder.point_embeddings[value].weight * (labels == value).to(
+                embedding.dtype)
+        return embedding
+
+    def forward(self, image_embedding: Tensor, text_tokens: Tensor, point_coords: Tensor, point_labels: Tensor,
+                mask_input: Tensor, has_mask_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sparse = torch.cat([text_tokens[:, None, :], self._embed_points(point_coords, point_labels)], dim=1)
+        has_mask = has_mask_input[:, :, None, None]
+        dense = (self.prompt_encoder.mask_downscaling(mask_input) * has_mask
+                 + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1) * (1 - has_mask))
+        masks, iou_predictions = self.mask_decoder.predict_masks(
+            image_embeddings=image_embedding, image_pe=self.image_pe,
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        # SAM's multimask output: token 0 is the single-mask output, tokens 1..3 the three masks.
+        masks, iou_predictions = masks[:, 1:], iou_predictions[:, 1:]
+        best = iou_predictions.argmax(dim=1, keepdim=True)  # (K, 1)
+        scores = torch.gather(iou_predictions, 1, best)[:, 0]
+        size = masks.shape[-1]
+        best_masks = torch.gather(masks, 1, best[:, :, None, None].expand(-1, 1, size, size))[:, 0]
+        return best_masks, scores, iou_predictions
+
+
+def pack_points(point_lists: list[list[tuple[float, float, int]]], to_input) -> tuple[np.ndarray, np.ndarray]:
+    """Per-prompt frame-pixel points -> (K, P, 2) model-input coords and (K, P) float labels.
+
+    P = 0 when no prompt has points (text only, as SAM). Otherwise each row is padded with label -1
+    to the longest list plus SAM's one padding point, matching ``FluoroSAM.decode``.
+    """
+    k = len(point_lists)
+    longest = max((len(p) for p in point_lists), default=0)
+    if longest == 0:
+        return np.zeros((k, 0, 2), np.float32), np.zeros((k, 0), np.float32)
+    coords = np.zeros((k, longest + 1, 2), np.float32)
+    labels = -np.ones((k, longest + 1), np.float32)
+    for row, points in enumerate(point_lists):
+        for col, (x, y, label) in enumerate(points):
+            if label not in (0, 1):
+                raise ValueError(f"point label must be 1 (positive) or 0 (negative), got {label!r}")
+            coords[row, col] = to_input(np.array([x, y], np.float32))
+            labels[row, col] = label
+    return coords, labels
+
+
+def example_decoder_inputs(config, k: int = 2, points: int = 2) -> tuple[Tensor, ...]:
+    """Shapes the decoder graph is traced with (K and P are dynamic axes)."""
+    hw, m = config.embed_hw, config.mask_hw
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(1, config.embed_dim, hw, hw, generator=generator),
+            torch.randn(k, config.embed_dim, generator=generator),
+            torch.rand(k, points, 2, generator=generator) * config.image_size,
+            torch.tensor([[1.0] * (points - 1) + [-1.0]] * k),
+            torch.randn(k, 1, m, m, generator=generator),
+            torch.ones(k, 1))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _export_graph(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+                  dynamic_axes: dict | None) -> None:
+    # The wrapper must be in eval mode itself: the exporter restores the wrapper's mode afterwards,
+    # which would otherwise switch the shared model into training mode (drop-path on).
+    module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python ints are expected here
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def build_text_table(model, vocabulary=None, phrases: list[str] | None = None, batch: int = 512) -> dict:
+    """Every training phrase of the vocabulary (or the given phrases), normalized -> token and OOV scores."""
+    from tqdm import tqdm
+
+    from training.vocabulary import Vocabulary, normalize_prompt
+
+    vocabulary = vocabulary or Vocabulary.load()
+    if phrases is None:
+        phrases = [p for name in vocabulary.names for p in vocabulary.training_phrases(name)]
+    phrases = list(dict.fromkeys(normalize_prompt(p) for p in phrases))
+    parts = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(phrases), batch), desc="text table", unit="batch"):
+            parts.append(model.encode_text(phrases[start:start + batch]))
+    encoding = type(parts[0])(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                                ("tokens", "code", "code_distance", "vocab_similarity", "oov")))
+    return {"phrases": phrases, "vocabulary_sha256": vocabulary.sha256,
+            "tensors": {"tokens": encoding.tokens.float().cpu().contiguous(),
+                        "code": encoding.code.cpu().contiguous(),
+                        "code_distance": encoding.code_distance.float().cpu().contiguous(),
+                        "vocab_similarity": encoding.vocab_similarity.float().cpu().contiguous(),
+                        "oov": encoding.oov.to(torch.uint8).cpu().contiguous()}}
+
+
+def save_text_table(table: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(table["tensors"], str(path), metadata={"phrases": json.dumps(table["phrases"]),
+                                                      "vocabulary_sha256": table["vocabulary_sha256"]})
+
+
+def load_text_table(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, bool]]:
+    """``text_tokens.safetensors`` -> {normalized phrase: (token float32 (256,), oov)}."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as handle:
+        phrases = json.loads(handle.metadata()["phrases"])
+        tokens = handle.get_tensor("tokens").astype(np.float32)
+        oov = handle.get_tensor("oov").astype(bool)
+    if len(phrases) != tokens.shape[0]:
+        raise ValueError(f"{path}: {len(phrases)} phrases but {tokens.shape[0]} tokens")
+    return {phrase: (tokens[i], bool(oov[i])) for i, phrase in enumerate(phrases)}
+
+
+def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, with_text_table: bool = True,
+                 text_phrases: list[str] | None = None) -> Path:
+    """Export the checkpoint in ``model_dir`` to ``out_dir``; returns ``out_dir``.
+
+    The text table holds every training phrase of the vocabulary unless ``text_phrases`` narrows it.
+    """
+    from training.model import load_checkpoint
+    from training.model.checkpoint import WEIGHTS_FILE
+
+    model, _ = load_checkpoint(model_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    started = time.perf_counter()
+    size = config.image_size
+    _export_graph(ImageEncoderExport(model), (torch.zeros(1, 1, size, size),), out / ENCODER_FILE,
+                  ENCODER_INPUTS, ENCODER_OUTPUTS, None)
+    prompts, points = {0: "prompts"}, {0: "prompts", 1: "points"}
+    _export_graph(PromptDecoderExport(model), example_decoder_inputs(config), out / DECODER_FILE,
+                  DECODER_INPUTS, DECODER_OUTPUTS,
+                  {"text_tokens": prompts, "point_coords": points, "point_labels": points, "mask_input": prompts,
+                   "has_mask_input": prompts, "masks": prompts, "scores": prompts, "iou_predictions": prompts})
+    files = [ENCODER_FILE, DECODER_FILE]
+    vocabulary_sha = None
+    if with_text_table:
+        table = build_text_table(model, phrases=text_phrases)
+        save_text_table(table, out / TEXT_TABLE_FILE)
+        files.append(TEXT_TABLE_FILE)
+        vocabulary_sha = table["vocabulary_sha256"]
+    meta = {"format_version": 1, "opset": OPSET, "torch": torch.__version__,
+            "config": config.to_dict(), "image_size": size, "embed_dim": config.embed_dim,
+            "embed_hw": config.embed_hw, "mask_hw": config.mask_hw,
+            "encoder": {"inputs": ENCODER_INPUTS, "outputs": ENCODER_OUTPUTS},
+            "decoder": {"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS, "dynamic": ["prompts", "points"]},
+            "checkpoint_sha256": file_sha256(Path(model_dir) / WEIGHTS_FILE),
+            "vocabulary_sha256": vocabulary_sha,
+            "sha256": {name: file_sha256(out / name) for name in files},
+            "export_seconds": round(time.perf_counter() - started, 2)}
+    (out / EXPORT_META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def read_export_meta(onnx_dir: str | os.PathLike) -> dict:
+    path = Path(onnx_dir) / EXPORT_META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {EXPORT_META_FILE} in {onnx_dir}: run `fluorosam export` first")
+    return json.loads(path.read_text())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled default model)")
+    parser.add_argument("--out", required=True, help="output folder for the ONNX graphs and text table")
+    parser.add_argument("--no-text-table", action="store_true",
+                        help="skip the vocabulary token table (the runtime then encodes text with torch)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from fluorosam_ros.paths import default_model_dir
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    out = export_model(model_dir, args.out, with_text_table=not args.no_text_table)
+    meta = read_export_meta(out)
+    for name, digest in meta["sha256"].items():
+        print(f"{out / name}  {os.path.getsize(out / name) / 1e6:.1f} MB  sha256 {digest[:16]}")
+    print(f"opset {meta['opset']}, input {meta['image_size']} px, embedding {meta['embed_hw']}x{meta['embed_hw']}, "
+          f"masks {meta['mask_hw']}x{meta['mask_hw']}, {meta['export_seconds']} s")
+    return 0
