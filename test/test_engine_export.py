@@ -1,0 +1,135 @@
+"""ONNX export: checker-valid graphs, parity with PyTorch, TensorRT operator coverage, text-token table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engine.export import (DECODER_FILE, ENCODER_FILE, TEXT_TABLE_FILE, export_model, load_text_table,
+                           pack_points, read_export_meta)
+from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
+
+OPS_FILE = Path(__file__).parent / "data" / "tensorrt_onnx_ops.txt"
+TABLE_PHRASES = ["left lung", "right lung", "the heart", "guidewire"]
+
+pytestmark = pytest.mark.slow  # one export of the tiny model per module (~10-20 s on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model_dir = tmp_path_factory.mktemp("model")
+    save_checkpoint(FluoroSAM(get_config("tiny")).eval(), model_dir, {})
+    onnx_dir = export_model(model_dir, tmp_path_factory.mktemp("onnx"), text_phrases=TABLE_PHRASES)
+    model, _ = load_checkpoint(model_dir)
+    return model, onnx_dir
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def test_graphs_pass_the_checker_and_meta_hashes_match(exported):
+    from engine.export import file_sha256
+
+    _, onnx_dir = exported
+    meta = read_export_meta(onnx_dir)
+    for name in (ENCODER_FILE, DECODER_FILE, TEXT_TABLE_FILE):
+        assert meta["sha256"][name] == file_sha256(onnx_dir / name)
+    onnx.checker.check_model(onnx.load(str(onnx_dir / ENCODER_FILE)), full_check=True)
+    decoder = onnx.load(str(onnx_dir / DECODER_FILE))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in decoder.graph.input}
+    assert dims["text_tokens"] == ["prompts", 256]
+    assert dims["point_coords"] == ["prompts", "points", 2]
+    assert dims["image_embedding"] == [1, 256, meta["embed_hw"], meta["embed_hw"]]
+    assert json.loads((onnx_dir / "export.json").read_text())["opset"] == meta["opset"]
+
+
+def test_encoder_parity(exported):
+    model, onnx_dir = exported
+    image = torch.randn(1, 1, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model.encode_image(image).numpy()
+    embedding = _session(onnx_dir / ENCODER_FILE).run(None, {"image": image.numpy()})[0]
+    assert embedding.shape == reference.shape
+    assert np.abs(embedding - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
+
+
+@pytest.mark.parametrize("k,clicks,with_mask", [(1, 0, False), (4, 0, False), (3, 2, True), (9, 1, False)])
+def test_decoder_parity(exported, k, clicks, with_mask):
+    model, onnx_dir = exported
+    config = model.config
+    g = torch.Generator().manual_seed(k * 10 + clicks)
+    embedding = torch.randn(1, 256, config.embed_hw, config.embed_hw, generator=g)
+    tokens = torch.randn(k, 256, generator=g)
+    points = [[(float(x), float(y), int(lbl)) for x, y, lbl in zip(torch.randint(0, 255, (clicks,), generator=g),
+                                                                   torch.randint(0, 255, (clicks,), generator=g),
+                                                                   torch.randint(0, 2, (clicks,), generator=g))]
+              for _ in range(k)]
+    coords, labels = pack_points(points, lambda xy: xy)
+    mask_input = torch.randn(k, 1, config.mask_hw, config.mask_hw, generator=g)
+    has_mask = np.full((k, 1), float(with_mask), np.float32)
+    masks, scores, ious = _session(onnx_dir / DECODER_FILE).run(None, {
+        "image_embedding": embedding.numpy(), "text_tokens": tokens.numpy(), "point_coords": coords,
+        "point_labels": labels, "mask_input": mask_input.numpy(), "has_mask_input": has_mask})
+    with torch.no_grad():
+        # FluoroSAM.decode appends SAM's padding point itself: give it the clicks without pack_points' pad.
+        ref_coords = torch.from_numpy(coords[:, :-1]) if clicks else None
+        ref_labels = torch.from_numpy(labels[:, :-1]).long() if clicks else None
+        logits, iou_pred = model.decode(embedding, tokens, ref_coords, ref_labels, mask_input if with_mask else None)
+        best, best_score = model.best_mask(logits, iou_pred)
+    assert masks.shape == (k, config.mask_hw, config.mask_hw)
+    np.testing.assert_allclose(scores, best_score.numpy(), atol=1e-3)
+    np.testing.assert_allclose(ious, iou_pred.numpy(), atol=1e-3)
+    for i in range(k):
+        assert _iou(masks[i] > 0, best[i].numpy() > 0) >= 0.99
+
+
+def test_every_exported_operator_is_supported_by_tensorrt(exported):
+    _, onnx_dir = exported
+    lines = [line.strip() for line in OPS_FILE.read_text().splitlines()]
+    assert any("onnx-tensorrt" in line and "operators.md" in line for line in lines if line.startswith("#"))
+    supported = {line for line in lines if line and not line.startswith("#")}
+    for name in (ENCODER_FILE, DECODER_FILE):
+        used = {node.op_type for node in onnx.load(str(onnx_dir / name)).graph.node}
+        assert used, name
+        assert used <= supported, f"{name} uses operators TensorRT 10 does not list: {sorted(used - supported)}"
+
+
+def test_layernorm2d_exports_as_single_layernormalization(exported):
+    """SAM's LayerNorm2d must not decompose into ReduceMean/Pow/Sqrt (FP16 overflow in TensorRT)."""
+    _, onnx_dir = exported
+    for name in (ENCODER_FILE, DECODER_FILE):
+        ops = [node.op_type for node in onnx.load(str(onnx_dir / name)).graph.node]
+        assert "LayerNormalization" in ops
+        assert "ReduceMean" not in ops and "Sqrt" not in ops, name
+
+
+def test_text_table_matches_the_text_encoder(exported):
+    model, onnx_dir = exported
+    table = load_text_table(onnx_dir / TEXT_TABLE_FILE)
+    assert sorted(table) == sorted(["left lung", "right lung", "heart", "guidewire"])  # normalized
+    with torch.no_grad():
+        reference = model.encode_text(["heart"]).tokens[0].numpy()
+    np.testing.assert_allclose(table["heart"][0], reference, atol=1e-6)
+
+
+def test_pack_points_pads_like_sam():
+    coords, labels = pack_points([[(10.0, 20.0, 1)], []], lambda xy: xy * 2)
+    assert coords.shape == (2, 2, 2) and labels.tolist() == [[1, -1], [-1, -1]]
+    assert coords[0, 0].tolist() == [20.0, 40.0]
+    coords, labels = pack_points([[], []], lambda xy: xy)
+    assert coords.shape == (2, 0, 2) and labels.shape == (2, 0)
+    with pytest.raises(ValueError, match="label"):
+        pack_points([[(1.0, 2.0, 3)]], lambda xy: xy)
