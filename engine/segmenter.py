@@ -246,26 +246,29 @@ class Segmenter:
         from training.vocabulary import normalize_prompt
 
         keys = [normalize_prompt(t) for t in texts]
-        missing = []
+        resolved: dict[str, tuple[np.ndarray | None, bool]] = {}
         for key in keys:
+            if key in resolved:
+                continue
             if key in self._text_cache:
                 self.counters["text_cache_hits"] += 1
                 self._text_cache.move_to_end(key)
-            elif key not in missing:
+                resolved[key] = self._text_cache[key]
+            else:
                 self.counters["text_cache_misses"] += 1
-                missing.append(key)
-        to_encode = [k for k in missing if k and k not in self._text_table]
+                if not key:
+                    resolved[key] = (None, True)  # nothing left after normalization: nothing to segment
+                elif key in self._text_table:
+                    resolved[key] = self._text_table[key]
+        to_encode = [k for k in dict.fromkeys(keys) if k not in resolved]
         if to_encode:
             with torch.no_grad():
                 encoding = self.model.encode_text(to_encode)
             for i, key in enumerate(to_encode):
-                self._remember(key, (encoding.tokens[i].float().cpu().numpy(), bool(encoding.oov[i])))
-        for key in missing:
-            if not key:
-                self._remember(key, (None, True))  # nothing left after normalization: nothing to segment
-            elif key in self._text_table:
-                self._remember(key, self._text_table[key])
-        return [self._text_cache.get(key) or (None, True) for key in keys]
+                resolved[key] = (encoding.tokens[i].float().cpu().numpy(), bool(encoding.oov[i]))
+        for key, value in resolved.items():
+            self._remember(key, value)
+        return [resolved[key] for key in keys]
 
     def _remember(self, key: str, value) -> None:
         self._text_cache[key] = value

@@ -104,6 +104,14 @@ def test_text_cache_hits_normalized_prompts(segmenter):
     assert segmenter.counters["text_cache_hits"] == 2
 
 
+def test_small_text_cache_evicts_without_refusing(model_dirs):
+    segmenter = Segmenter(model_dirs[0], backend="onnxruntime", threads=1, text_cache_size=2)
+    result = segmenter.segment(_frame(3), ["left lung", "right lung", "heart"])
+    assert [r.reason for r in result.results if r.reason == "out_of_vocabulary"] == []
+    segmenter.segment(_frame(3), ["left lung"])  # evicted by the two later prompts
+    assert segmenter.counters["text_cache_misses"] == 4 and segmenter.counters["text_cache_hits"] == 0
+
+
 def test_failed_encode_never_leaves_a_stale_embedding(segmenter):
     frame_a, frame_b = _frame(1), _frame(4)
     segmenter.segment(frame_a, ["left lung"])
