@@ -12,7 +12,7 @@ data-dependent control flow and fixed shapes except the prompt count K (and the 
 SAM appends one padding point whenever points are given; the graph does not (that would be control
 flow), so callers pass P = 0 for text-only prompts and append the padding point themselves
 (:func:`pack_points`). Also written: ``text_tokens.safetensors`` (every training phrase of the
-vocabulary -> token, code, distances, OOV flag, so a runtime needs no sentence encoder for them) and
+vocabulary -> code, distances, OOV flag, plus the codebook, so a runtime needs no sentence encoder for them) and
 ``export.json`` (sizes, opset, sha256 of every file and of the checkpoint it came from).
 
 The same wrapper modules are the ``torch`` backend's graph, so every backend runs one definition.
@@ -201,7 +201,8 @@ def build_text_table(model, vocabulary=None, phrases: list[str] | None = None, b
     encoding = type(parts[0])(*(torch.cat([getattr(p, f) for p in parts]) for f in
                                 ("tokens", "code", "code_distance", "vocab_similarity", "oov")))
     return {"phrases": phrases, "vocabulary_sha256": vocabulary.sha256,
-            "tensors": {"tokens": encoding.tokens.float().cpu().contiguous(),
+            # A quantized token IS its codebook row: store the codebook once and a code per phrase.
+            "tensors": {"codebook": model.quantizer.codebook.detach().float().cpu().contiguous(),
                         "code": encoding.code.cpu().contiguous(),
                         "code_distance": encoding.code_distance.float().cpu().contiguous(),
                         "vocab_similarity": encoding.vocab_similarity.float().cpu().contiguous(),
@@ -221,7 +222,7 @@ def load_text_table(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, bool
 
     with safe_open(str(path), framework="np") as handle:
         phrases = json.loads(handle.metadata()["phrases"])
-        tokens = handle.get_tensor("tokens").astype(np.float32)
+        tokens = handle.get_tensor("codebook").astype(np.float32)[handle.get_tensor("code")]
         oov = handle.get_tensor("oov").astype(bool)
     if len(phrases) != tokens.shape[0]:
         raise ValueError(f"{path}: {len(phrases)} phrases but {tokens.shape[0]} tokens")

@@ -160,7 +160,7 @@ class Segmenter:
         for candidate in candidates:
             try:
                 if read_export_meta(candidate).get("checkpoint_sha256") == self.checkpoint_sha256:
-                    return candidate
+                    return Path(candidate)
             except FileNotFoundError:
                 continue
             if explicit is not None and candidate == Path(explicit):
@@ -180,14 +180,14 @@ class Segmenter:
             log.info("exporting %s to ONNX in %s (once per checkpoint)", self.model_dir, target)
             # No text table here: the LRU + text encoder cover it and start-up stays short.
             self.onnx_dir = export_model(self.model_dir, target, with_text_table=False)
-        return self.onnx_dir
+        return Path(self.onnx_dir)
 
     def _load_text_table(self) -> dict[str, tuple[np.ndarray, bool]]:
         from engine.export import TEXT_TABLE_FILE, load_text_table
 
-        for folder in (self.onnx_dir, self.model_dir):
-            if folder is not None and (Path(folder) / TEXT_TABLE_FILE).exists():
-                return load_text_table(Path(folder) / TEXT_TABLE_FILE)
+        # Only the table of an export verified to come from this checkpoint (export.json's hash).
+        if self.onnx_dir is not None and (self.onnx_dir / TEXT_TABLE_FILE).exists():
+            return load_text_table(self.onnx_dir / TEXT_TABLE_FILE)
         return {}
 
     def _engine_dirs(self, engine_dir) -> list[Path]:

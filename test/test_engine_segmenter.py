@@ -256,3 +256,25 @@ def test_bad_arguments(model_dirs, segmenter):
         segmenter.segment(_frame(1), [42])
     with pytest.raises(ValueError, match="label"):
         segmenter.segment(_frame(1), [Prompt("heart", ((1.0, 2.0, 5),))])
+
+
+def test_stale_export_is_never_used_and_auto_exports_once_to_the_cache(tmp_path, monkeypatch, model_dirs):
+    import shutil
+
+    if torch.cuda.is_available():
+        pytest.skip("auto picks torch-cuda on a CUDA machine")
+    monkeypatch.setenv("FLUOROSAM_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "model"
+    shutil.copytree(model_dirs[0], model_dir)  # carries onnx/ exported from the fixture's weights
+    torch.manual_seed(1)
+    save_checkpoint(FluoroSAM(get_config("tiny")).eval(), model_dir, {})  # new weights, same folder
+    first = Segmenter(model_dir, backend="auto", threads=1)
+    assert first.backend_name == "onnxruntime"
+    assert first.onnx_dir != model_dir / "onnx" and str(first.onnx_dir).startswith(str(tmp_path / "cache"))
+    second = Segmenter(model_dir, backend="auto", threads=1)
+    assert second.onnx_dir == first.onnx_dir  # found in the cache, not exported again
+    frame = _frame(2)
+    reference = Segmenter(model_dir, backend="torch", threads=1).segment(frame, ["heart"]).results[0]
+    assert abs(second.segment(frame, ["heart"]).results[0].score - reference.score) < 1e-3
+    with pytest.raises(ValueError, match="different checkpoint"):
+        Segmenter(model_dir, backend="onnxruntime", onnx_dir=model_dir / "onnx")

@@ -155,10 +155,10 @@ class TensorRTBackend:
         self._image = cuda.mem_alloc(size * size * f32)
         self._embedding = cuda.mem_alloc(dim * hw * hw * f32)
         # Decoder buffers sized for the largest profile; each call binds the shapes it uses.
-        self._inputs = {"text_tokens": MAX_PROMPTS * dim, "point_coords": MAX_PROMPTS * MAX_POINTS * 2,
-                        "point_labels": MAX_PROMPTS * MAX_POINTS, "mask_input": MAX_PROMPTS * m * m,
-                        "has_mask_input": MAX_PROMPTS}
-        self._inputs = {name: cuda.mem_alloc(max(1, n) * f32) for name, n in self._inputs.items()}
+        input_sizes = {"text_tokens": MAX_PROMPTS * dim, "point_coords": MAX_PROMPTS * MAX_POINTS * 2,
+                       "point_labels": MAX_PROMPTS * MAX_POINTS, "mask_input": MAX_PROMPTS * m * m,
+                       "has_mask_input": MAX_PROMPTS}
+        self._inputs = {name: cuda.mem_alloc(n * f32) for name, n in input_sizes.items()}
         self._outputs = {"masks": cuda.mem_alloc(MAX_PROMPTS * m * m * f32), "scores": cuda.mem_alloc(MAX_PROMPTS * f32),
                          "iou_predictions": cuda.mem_alloc(MAX_PROMPTS * 3 * f32)}
         encoder = self._contexts["image_encoder"]

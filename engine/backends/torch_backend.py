@@ -22,7 +22,9 @@ class TorchBackend:
         self._static_out: torch.Tensor | None = None
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.cuda else torch.autocast("cpu", enabled=False)
+        # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
+        return (torch.autocast("cuda", dtype=torch.float16, cache_enabled=False) if self.cuda
+                else torch.autocast("cpu", enabled=False))
 
     def _capture_encoder(self, image: torch.Tensor) -> None:
         """Record the encoder once into a CUDA graph; later frames copy into its static input and replay."""
