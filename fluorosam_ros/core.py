@@ -124,7 +124,8 @@ class FrameOutput:
 
     def results_json(self) -> str:
         return json.dumps({"stamp": [self.header.stamp_sec, self.header.stamp_nanosec],
-                           "frame_id": self.header.frame_id,
+                           "frame_id": self.header.frame_id, "latency_ms": round(self.latency_ms, 2),
+                           "embedding_reused": self.embedding_reused,
                            "detections": [asdict(d) for d in self.detections]})
 
 
