@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,9 @@ from engine.preprocess import FrameError, Letterbox, postprocess_masks, preproce
 
 log = logging.getLogger(__name__)
 
+__all__ = ["BACKENDS", "FrameError", "Prompt", "PromptResult", "SegmentResult", "Segmenter", "label_mask"]
+
 BACKENDS = ("auto", "torch", "torch-cuda", "onnxruntime", "tensorrt")
-REASONS = ("", "out_of_vocabulary", "low_score", "empty_mask")
 THUMBNAIL_SIDE = 64
 TEXT_CACHE_SIZE = 512
 COUNTERS = ("frames", "text_cache_hits", "text_cache_misses", "embedding_reuses", "near_duplicate_reuses",
@@ -111,7 +112,10 @@ def _describe(mask: np.ndarray) -> tuple[int, tuple[int, int, int, int], tuple[f
 
 
 class Segmenter:
-    """Language- and point-promptable segmentation of a frame stream (see the module docstring)."""
+    """Language- and point-promptable segmentation of a frame stream (see the module docstring).
+
+    Not thread-safe: the caches assume one caller at a time (the node's single inference worker).
+    """
 
     def __init__(self, model_dir: str | os.PathLike | None = None, backend: str = "auto",
                  min_score: float | None = None, near_duplicate_threshold: float | None = None,

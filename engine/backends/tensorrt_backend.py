@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.export import DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_FILE, read_export_meta
+from engine.export import DECODER_INPUTS, DECODER_OUTPUTS, read_export_meta
 
 MAX_PROMPTS = 16  # optimization profile K = 1..16; the Segmenter decodes more in chunks of 16
 MAX_POINTS = 9  # P = 0..9 (up to 8 clicks + SAM's padding point)
