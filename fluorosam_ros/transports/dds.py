@@ -386,6 +386,7 @@ class DdsClient:
         self.prompt_writer = DataWriter(dp, Topic(dp, ros_topic(params.prompt_topic), String_),
                                         qos=_qos(True, params.prompt_qos_depth, transient_local=True))
         self.mask_reader = DataReader(dp, Topic(dp, ros_topic(params.mask_topic), Image_), qos=in_qos)
+        self.overlay_reader = DataReader(dp, Topic(dp, ros_topic(params.overlay_topic), Image_), qos=in_qos)
         self.results_reader = DataReader(dp, Topic(dp, ros_topic(params.results_topic), String_), qos=in_qos)
         self.detections_reader = DataReader(dp, Topic(dp, ros_topic(params.detections_topic), Detection2DArray_),
                                             qos=in_qos)
