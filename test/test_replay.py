@@ -1,8 +1,12 @@
 """Replay: sqlite3 and MCAP bags made here with rosbags' Writer, through the real Segmenter (random-init)."""
 import argparse
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from fluorosam_ros import ros_types as rt
@@ -102,3 +106,24 @@ def test_cli_with_custom_topics(tmp_path, segmenter, capsys):
     assert plugin == "sqlite3" and len(topics["/fluorosam/mask"]) == N_FRAMES
     with pytest.raises(ValueError, match="no /carm/image topic"):
         replay(bag, tmp_path / "out2", NodeParams(), segmenter, progress=False)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.lists(st.binary(max_size=80), min_size=1, max_size=3), position=st.integers(0, N_FRAMES))
+def test_random_corrupt_records_never_stop_replay(tmp_path, segmenter, garbage, position):
+    store = rt.typestore()
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    with Writer(folder / "in", version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
+        images = writer.add_connection("/carm/image", rt.IMAGE, typestore=store)
+        records = [rt.serialize(rt.image_to_ros(numpy_to_image(np.full((16, 16), i * 50 + 1, np.uint16),
+                                                               header=Header(1, i))), rt.IMAGE)
+                   for i in range(N_FRAMES)]
+        records[position:position] = garbage
+        for t, raw in enumerate(records):
+            writer.write(images, t + 1, raw)
+    summary = replay(folder / "in", folder / "out", NodeParams(publish_overlay=False), segmenter, prompt="heart",
+                     progress=False)
+    assert summary.frames_in + summary.corrupt_records == N_FRAMES + len(garbage)
+    topics, _ = read_bag(folder / "out")
+    stamps = {(m.header.stamp.sec, m.header.stamp.nanosec) for m in topics["/fluorosam/mask"]}
+    assert {(1, i) for i in range(N_FRAMES)} <= stamps  # every good frame processed
