@@ -58,8 +58,13 @@ class FluoroSAM(nn.Module):
         return self.sentence_encoder([normalize_prompt(p) for p in prompts]).to(self.phrase_table.device)
 
     def project_text(self, sentence_embeddings: Tensor) -> Tensor:
-        """Sentence embeddings -> pre-quantization prompt vectors (N, 256)."""
-        return self.text_projection(sentence_embeddings.float())
+        """Sentence embeddings -> pre-quantization prompt vectors (N, 256) on a sphere of radius sqrt(256).
+
+        The fixed norm matches the scale of SAM's point and output tokens (~16); without it a freshly
+        initialised projection gives tokens ~100x smaller, which the decoder learns to ignore.
+        """
+        z = self.text_projection(sentence_embeddings.float())
+        return F.normalize(z, dim=-1) * math.sqrt(self.config.embed_dim)
 
     def vocab_similarity(self, sentence_embeddings: Tensor) -> Tensor:
         """Max cosine of each embedding to the training phrases; 1.0 when no phrase table is stored."""
