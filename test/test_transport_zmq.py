@@ -135,7 +135,9 @@ def test_prompt_change_takes_effect_on_next_frame(node):
      "must be an integer"),
     ([b'{"topic": "/carm/image", "height": 4, "width": 4, "encoding": "mono8", "step": 4}', b"\0" * 15],
      "holds 15 bytes"),
-    ([b'{"topic": "/fluorosam/prompt", "data": 3}'], "string 'data'")])
+    ([b'{"topic": "/fluorosam/prompt", "data": 3}'], "string 'data'"),
+    ([b'{"topic": "/carm/image", "height": 4, "width": 4, "encoding": "mono8", "step": 4, "is_bigendian": [1]}',
+      b"\0" * 16], "'is_bigendian' must be an integer")])
 def test_malformed_messages_are_reported_and_next_frame_processed(node, parts, match):
     params, client, outputs, _ = node
     client.send_raw(parts)
@@ -213,7 +215,12 @@ def test_curve_rejects_a_client_with_the_wrong_key(tmp_path):
     st.dictionaries(st.sampled_from(["topic", "height", "width", "encoding", "step", "stamp", "data", "is_bigendian"]),
                     st.one_of(st.integers(-5, 70000), st.text(max_size=12), st.none(), st.lists(st.integers(), max_size=3)),
                     max_size=8).map(lambda d: json.dumps(d).encode()),
-    st.sampled_from([b'{"topic": "/carm/image"}', b'{"topic": "/fluorosam/prompt"}'])), max_size=3))
+    st.sampled_from([b'{"topic": "/carm/image"}', b'{"topic": "/fluorosam/prompt"}']),
+    st.fixed_dictionaries({"topic": st.just("/carm/image"), "height": st.integers(-2, 20), "width": st.integers(-2, 20),
+                           "encoding": st.sampled_from(["mono8", "mono16", "32FC1", "rgb8", "yuv"]),
+                           "step": st.integers(-2, 80), "stamp": st.lists(st.integers(-1, 2**40), max_size=3),
+                           "is_bigendian": st.one_of(st.integers(-1, 2), st.lists(st.integers(), max_size=1))})
+    .map(lambda d: json.dumps(d).encode())), max_size=3))
 def test_any_malformed_zmq_message_is_reported_never_raised(parts):
     params = NodeParams(publish_overlay=False)
     transport = ZmqTransport.__new__(ZmqTransport)  # routing only: no sockets needed

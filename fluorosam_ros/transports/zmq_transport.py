@@ -68,13 +68,14 @@ def decode_image(header: dict, payload) -> ImageMsg:
         raise MessageError(f"image header lacks {error}") from None
     except (TypeError, ValueError, IndexError) as error:
         raise MessageError(f"image header stamp must be [sec, nanosec]: {error}") from None
-    for name in ("height", "width", "step"):
+    fields["is_bigendian"] = header.get("is_bigendian", 0)
+    for name in ("height", "width", "step", "is_bigendian"):
         if not isinstance(fields[name], int) or isinstance(fields[name], bool):
             raise MessageError(f"image header '{name}' must be an integer, got {fields[name]!r}")
     if not isinstance(fields["encoding"], str):
         raise MessageError("image header 'encoding' must be a string")
     return ImageMsg(Header(sec, nanosec, str(header.get("frame_id", ""))), fields["height"], fields["width"],
-                    fields["encoding"], int(header.get("is_bigendian", 0)), fields["step"], payload)
+                    fields["encoding"], fields["is_bigendian"], fields["step"], payload)
 
 
 def _curve_server(socket: zmq.Socket, secret_key_file: str) -> None:
