@@ -261,6 +261,10 @@ class NodeCore:
                 self._busy = True
             try:
                 self.process(msg, received_at)
+            except Exception as error:  # noqa: BLE001  (e.g. a publish failing: the worker must live on)
+                self.counts["processing_errors"] += 1
+                log.exception("publishing outputs failed")
+                self.report_error(f"publishing outputs failed: {type(error).__name__}: {error}")
             finally:
                 with self._lock:
                     self._busy = False

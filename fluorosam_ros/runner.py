@@ -63,7 +63,12 @@ def main(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("model_dir", args.model_dir), ("backend", args.backend),
                                    ("initial_prompt", args.prompt)) if v is not None}
     params = load_params(args.params, args.node_name, **overrides)
-    segmenter = make_segmenter(params)
+    try:
+        segmenter = make_segmenter(params)
+    except FileNotFoundError as error:
+        log.error("cannot load the model: %s (set model_dir in %s or pass --model-dir)", error,
+                  args.params or "the packaged config/fluorosam.yaml")
+        return 2
     warm_up(segmenter)
     transport = make_transport(args.transport, params)
     core = NodeCore(segmenter, params, transport.publish_output, transport.publish_diagnostics).start()

@@ -258,3 +258,24 @@ def test_frame_error_from_segmenter_is_a_bad_frame():
     core = NodeCore(Picky(), NodeParams(), collector.output, collector.diag)
     core.set_prompts("heart")
     assert core.process(frame_msg()) is None and core.counts["bad_frames"] == 1
+
+
+def test_worker_survives_a_failing_publisher():
+    calls = []
+
+    def flaky_output(out):
+        calls.append(out.header.stamp_sec)
+        if len(calls) == 1:
+            raise OSError("socket closed")
+
+    diagnostics = []
+    core = NodeCore(SquareSegmenter(), NodeParams(publish_overlay=False), flaky_output, diagnostics.append)
+    core.start()
+    try:
+        core.submit_frame(frame_msg(stamp=1))
+        assert core.wait_idle(timeout=5)
+        core.submit_frame(frame_msg(stamp=2))
+        assert core.wait_idle(timeout=5)
+    finally:
+        core.stop()
+    assert calls == [1, 2] and "socket closed" in core.last_error and core.counts["processing_errors"] == 1
