@@ -143,6 +143,22 @@ def _iou(mask: np.ndarray, truth: np.ndarray) -> float:
     return float(np.logical_and(mask, truth).sum() / union) if union else float("nan")
 
 
+def captioned(overlay: np.ndarray, result: dict | None, rows: int) -> np.ndarray:
+    """The overlay with a strip below naming each prompt in its colour (refused ones with the reason)."""
+    from PIL import Image, ImageDraw
+
+    from fluorosam_ros.core import PALETTE
+
+    canvas = Image.new("RGB", (overlay.shape[1], overlay.shape[0] + 14 * max(1, rows)))
+    canvas.paste(Image.fromarray(overlay), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, d in enumerate((result or {}).get("detections", [])):
+        colour = tuple(int(v) for v in PALETTE[(d["label"] - 1) % len(PALETTE)])
+        text = f"{d['label']}: {d['prompt']}  " + (f"refused ({d['reason']})" if d["refused"] else f"score {d['score']:.2f}")
+        draw.text((4, overlay.shape[0] + 1 + 14 * row), text, fill=colour if not d["refused"] else (160, 160, 160))
+    return np.asarray(canvas)
+
+
 def write_bag(path: Path, sent: list[tuple[int, ImageMsg]], prompts: list[tuple[int, str]], got: Received,
               params) -> None:
     """MCAP bag with the input stream and every output, replayable with ``fluorosam replay``."""
@@ -281,7 +297,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         process.terminate()
         process.wait(timeout=30)
-    overlays = [image_to_numpy(got.overlays[n]) for n in sorted(got.overlays)]
+    rows = max((len(r["detections"]) for r in got.results.values()), default=1)
+    overlays = [captioned(image_to_numpy(got.overlays[n]), got.results.get(n), rows) for n in sorted(got.overlays)]
     if overlays:
         imageio.mimsave(out / "overlay.gif", overlays, duration=1.0 / args.fps, loop=0)
     bag = out / "demo_bag"

@@ -28,8 +28,11 @@ def test_rclpy_node_round_trip(tmp_path):
     rclpy = pytest.importorskip("rclpy", reason="ROS 2 (rclpy) is not installed here; the rclpy node is untested")
     pytest.importorskip("vision_msgs", reason="ROS 2 vision_msgs is not installed")
     import threading
+    import time
 
+    from rclpy.executors import MultiThreadedExecutor
     from rclpy.node import Node
+    from rclpy.parameter import Parameter
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
 
@@ -44,10 +47,9 @@ def test_rclpy_node_round_trip(tmp_path):
     rclpy.init()
     try:
         node = Node("fluorosam_node", parameter_overrides=[
-            rclpy.parameter.Parameter("model_dir", value=str(model)),
-            rclpy.parameter.Parameter("backend", value="torch")])
+            Parameter("model_dir", value=str(model)), Parameter("backend", value="torch")])
         params = read_parameters(node)
-        assert set(PARAMETER_NAMES) <= {p for p in node._parameters}
+        assert all(node.has_parameter(name) for name in PARAMETER_NAMES) and params.backend == "torch"
         transport = RclpyTransport(node, params)
         core = NodeCore(make_segmenter(params), params, transport.publish_output, transport.publish_diagnostics)
         transport.attach(core)
@@ -57,14 +59,12 @@ def test_rclpy_node_round_trip(tmp_path):
         client.create_subscription(Image, params.mask_topic, masks.append, 10)
         prompt_pub = client.create_publisher(String, params.prompt_topic, transport._qos[1])
         image_pub = client.create_publisher(Image, params.image_topic, 10)
-        executor = rclpy.executors.MultiThreadedExecutor()
+        executor = MultiThreadedExecutor()
         executor.add_node(node)
         executor.add_node(client)
         threading.Thread(target=executor.spin, daemon=True).start()
         prompt_pub.publish(String(data="left lung"))
         pixels = (np.arange(48 * 40).reshape(48, 40) % 4096).astype(np.uint16)
-        import time
-
         deadline = time.monotonic() + 30
         while not masks and time.monotonic() < deadline:
             image_pub.publish(image_to_ros(numpy_to_image(pixels, header=Header(7, 9, "carm"))))
