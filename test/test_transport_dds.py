@@ -56,6 +56,17 @@ def test_image_cdr_bytes_equal_rosbags(h, w, encoding, frame_id, sec, nanosec, b
         dds.Image_.deserialize(reference[:-1] if len(msg.data) else reference[:10])
 
 
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=96), prefix=st.sampled_from([b"", b"\x00\x01\x00\x00"]))
+def test_garbage_image_cdr_raises_value_error_only(raw, prefix):
+    """What a broken publisher could put on rt/carm/image: decoded or refused with ValueError, nothing else."""
+    try:
+        sample = dds.Image_.deserialize(prefix + raw)
+    except ValueError:
+        return
+    assert isinstance(sample.data, bytes)
+
+
 def test_string_detections_diagnostics_cdr_bytes_equal_rosbags():
     assert dds.String_("left lung; heart").serialize() == rt.serialize(rt.string_to_ros("left lung; heart"), rt.STRING)
     mask = numpy_to_image(np.zeros((4, 4), np.uint8), header=Header(3, 4, "c"))

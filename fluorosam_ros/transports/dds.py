@@ -98,8 +98,11 @@ class Image_(IdlStruct, typename="sensor_msgs::msg::dds_::Image_"):
         """Little-endian plain CDR parsed directly, ``data`` kept as bytes (the generic path builds a list of ints)."""
         raw = memoryview(data).cast("B")
         if not has_header or use_version_2 or bytes(raw[:2]) != b"\x00\x01":
-            sample = super().deserialize(data, has_header=has_header, use_version_2=use_version_2)
-            sample.data = bytes(sample.data)
+            try:
+                sample = super().deserialize(data, has_header=has_header, use_version_2=use_version_2)
+                sample.data = bytes(sample.data)
+            except Exception as error:  # noqa: BLE001  (the generic decoder raises many kinds on bad bytes)
+                raise ValueError(f"malformed sensor_msgs/Image CDR: {type(error).__name__}: {error}") from None
             return sample
         try:
             sec, nanosec = struct.unpack_from("<iI", raw, 4)
