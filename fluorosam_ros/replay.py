@@ -63,6 +63,13 @@ class BagOutputs:
         self.connections = {topic: writer.add_connection(topic, msgtype, typestore=store) for topic, msgtype in topics}
         self.clock_ns = 0  # bag time of the record being processed
         self.add_latency = add_latency  # realtime: outputs appear when they would have live
+        self.record_times: dict[int, int] = {}  # input header stamp -> bag time of its record
+
+    def remember(self, header_ns: int, record_ns: int) -> None:
+        with self._lock:
+            self.record_times[header_ns] = record_ns
+            if len(self.record_times) > 1024:  # frames dropped in realtime mode never claim theirs
+                self.record_times.pop(next(iter(self.record_times)))
 
     def _write(self, topic: str, message, typename: str, stamp_ns: int) -> None:
         raw = self.rt.serialize(message, typename)
@@ -72,7 +79,9 @@ class BagOutputs:
 
     def output(self, out: FrameOutput) -> None:
         rt, p = self.rt, self.params
-        stamp = self.clock_ns + (int(out.latency_ms * 1e6) if self.add_latency else 0)
+        with self._lock:
+            recorded = self.record_times.pop(out.header.stamp_ns, self.clock_ns)
+        stamp = recorded + (int(out.latency_ms * 1e6) if self.add_latency else 0)
         self._write(p.mask_topic, rt.image_to_ros(out.mask), rt.IMAGE, stamp)
         self._write(p.detections_topic, rt.detections_to_ros(out), rt.DETECTIONS, stamp)
         self._write(p.results_topic, rt.string_to_ros(out.results_json()), rt.STRING, stamp)
@@ -138,6 +147,7 @@ def replay(in_path: str | Path, out_path: str | Path, params: NodeParams, segmen
                 continue
             summary.frames_in += 1
             frame = rt.image_from_ros(message)
+            outputs.remember(frame.header.stamp_ns, stamp_ns)
             if realtime:
                 core.submit_frame(frame)
             else:
