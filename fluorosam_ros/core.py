@@ -40,6 +40,7 @@ MAX_PROMPTS = 255  # the label mask is mono8
 MAX_PROMPT_CHARS = 200
 MAX_POINTS = 32
 LATENCY_WINDOW = 256
+ERROR_HOLD_S = 5.0  # diagnostics stay WARN this long after an error, then return to OK (last_error is kept)
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 # Overlay colours per label (RGB), cycled.
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -178,6 +179,7 @@ class NodeCore:
         self._last_frame_time: float | None = None
         self._started_at = clock()
         self.last_error = ""
+        self._last_error_time: float | None = None
         if params.initial_prompt:
             self.set_prompts(params.initial_prompt)
 
@@ -272,7 +274,9 @@ class NodeCore:
 
     # ------------------------------------------------------------------------------ diagnostics
     def report_error(self, text: str) -> None:
+        """Log ``text`` and publish diagnostics at once (WARN for ERROR_HOLD_S, ``last_error`` until replaced)."""
         self.last_error = text
+        self._last_error_time = self._clock()
         log.error(text)
         self._on_diagnostics(self.diagnostics())
 
@@ -296,7 +300,7 @@ class NodeCore:
         values.update({k: str(v) for k, v in getattr(self.segmenter, "counters", {}).items()})
         if stale:
             level, message = WARN, f"stale input: no frame for {since:.1f} s (stale_after_s={self.params.stale_after_s})"
-        elif self.last_error:
+        elif self._last_error_time is not None and now - self._last_error_time <= ERROR_HOLD_S:
             level, message = WARN, self.last_error
         else:
             level, message = OK, "ok"

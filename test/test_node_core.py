@@ -234,6 +234,15 @@ def test_watchdog_reports_stale_input():
     now[0] += 1.5
     diag = core.diagnostics()
     assert diag.level == WARN and diag.message.startswith("stale input") and diag.values["stale"] == "true"
+    core.submit_frame(frame_msg())
+    core.set_prompts("a @ 1")
+    assert core.diagnostics().level == WARN and "prompt rejected" in core.diagnostics().message
+    now[0] += 1.0
+    core.submit_frame(frame_msg())
+    now[0] += 5.0
+    core.submit_frame(frame_msg())
+    diag = core.diagnostics()  # the error is old: back to OK, but still named
+    assert diag.level == OK and "prompt rejected" in diag.values["last_error"]
 
 
 def test_inference_crash_is_reported_not_raised():
