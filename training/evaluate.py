@@ -33,6 +33,7 @@ from engine.preprocess import postprocess_masks, preprocess
 MIN_MASK_PIXELS = 16
 MIN_SCORE_USEFUL_IOU = 0.5  # min_score separates masks with IoU >= this from worse ones
 LARGEST_K = 15
+OVERLAY_FIRST = ("left lung", "right lung", "heart")
 
 
 @dataclass
@@ -361,7 +362,9 @@ def plot_overlays(overlays: list[dict], path: Path, columns: int = 4, max_prompt
     for ax, ov in zip(axes.flat, overlays):
         base = window(np.asarray(ov["image"]))
         rgb = np.repeat(base[..., None], 3, axis=2)
-        chosen = sorted(range(len(ov["prompts"])), key=lambda k: -ov["gts"][k].sum())[:max_prompts]
+        # Laterality and the heart first (what a chest view is checked for), then the largest structures.
+        chosen = sorted(range(len(ov["prompts"])), key=lambda k: (ov["prompts"][k] not in OVERLAY_FIRST,
+                                                                   -ov["gts"][k].sum()))[:max_prompts]
         for color, k in zip(colors, chosen):
             rgb[ov["preds"][k]] = 0.55 * rgb[ov["preds"][k]] + 0.45 * np.array(color)
         ax.imshow(rgb)
