@@ -1,4 +1,4 @@
-"""Helpers for the node's tests and for trying the node before a trained model exists.
+"""Helpers for the node's tests and the demo, and for trying the node before a trained model exists.
 
 ``save_random_model`` writes a small randomly initialised checkpoint through training.model's own
 ``save_checkpoint``, so the real Segmenter loads it exactly like the trained default model.
@@ -43,6 +43,6 @@ def start_node_process(transport: str, params_file: str | os.PathLike, log_file:
                        env: dict | None = None) -> subprocess.Popen:
     """``fluorosam node --transport T --params F`` as a separate process, output to ``log_file``."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", **(env or {}))
-    log = open(log_file, "wb")  # noqa: SIM115  (handed to the child; closed when the parent exits)
-    return subprocess.Popen([sys.executable, "-m", "fluorosam_ros.cli", "node", "--transport", transport,
-                             "--params", str(params_file)], stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    with open(log_file, "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "fluorosam_ros.cli", "node", "--transport", transport,
+                                 "--params", str(params_file)], stdout=log, stderr=subprocess.STDOUT, env=full_env)
