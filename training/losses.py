@@ -36,7 +36,8 @@ def mask_iou(pred: Tensor, target: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-def multimask_loss(mask_logits: Tensor, iou_pred: Tensor, targets: Tensor) -> dict[str, Tensor]:
+def multimask_loss(mask_logits: Tensor, iou_pred: Tensor, targets: Tensor, focal_weight: float = FOCAL_WEIGHT,
+                   focal_alpha: float = 0.25) -> dict[str, Tensor]:
     """mask_logits (N, K, H, W), iou_pred (N, K), targets (N, H, W) bool or soft coverage in [0, 1].
 
     Segmentation loss is the minimum over the K masks (SAM's ambiguity-aware loss); the IoU head
@@ -45,7 +46,7 @@ def multimask_loss(mask_logits: Tensor, iou_pred: Tensor, targets: Tensor) -> di
     structures thinner than a low-resolution pixel.
     """
     t = targets[:, None].float().expand_as(mask_logits)
-    per_mask = FOCAL_WEIGHT * sigmoid_focal_loss(mask_logits, t) + dice_loss(mask_logits, t)
+    per_mask = focal_weight * sigmoid_focal_loss(mask_logits, t, alpha=focal_alpha) + dice_loss(mask_logits, t)
     best_loss, best = per_mask.min(dim=1)
     with torch.no_grad():
         true_iou = mask_iou(mask_logits > 0, t >= 0.5)

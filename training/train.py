@@ -57,6 +57,10 @@ class TrainOptions:
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
     contrastive_weight: float = 0.5
+    focal_weight: float = 20.0  # SAM's focal:dice ratio
+    # SAM's alpha 0.25 down-weights foreground; from scratch that leaves logits under-confident (masks
+    # stay empty at threshold 0 for hundreds of steps), 0.5 keeps the decision threshold at p = 0.5.
+    focal_alpha: float = 0.5
     vq_weight: float = 1.0
     restart_every: int = 50
     seed: int = 0
@@ -244,7 +248,7 @@ class TrainingStep(nn.Module):
         factor = model.config.image_size // model.config.mask_hw
         targets = F.avg_pool2d(masks[image_index, class_index][:, None].float(), factor)[:, 0]
         logits, iou_pred = model.decode(embeddings, tokens)
-        first = multimask_loss(logits, iou_pred, targets)
+        first = multimask_loss(logits, iou_pred, targets, options.focal_weight, options.focal_alpha)
         loss = first["mask"] + first["iou_head"]
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
                "iou_text": first["best_iou"]}
@@ -254,7 +258,7 @@ class TrainingStep(nn.Module):
             coords, labels = sample_error_points(prev_low[:, 0] > 0, targets >= 0.5, interactive_points, generator)
             coords = coords * factor + (factor - 1) / 2  # low-res pixel -> centre of its input-pixel block
             logits2, iou2 = model.decode(embeddings, tokens, coords, labels, prev_low)
-            second = multimask_loss(logits2, iou2, targets)
+            second = multimask_loss(logits2, iou2, targets, options.focal_weight, options.focal_alpha)
             loss = loss + second["mask"] + second["iou_head"]
             out["iou_points"] = second["best_iou"]
         loss = loss + options.vq_weight * vq_loss + options.contrastive_weight * contrastive
@@ -531,6 +535,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=d.warmup_steps)
     parser.add_argument("--prompts-per-image", type=int, default=d.prompts_per_image)
     parser.add_argument("--interactive-prob", type=float, default=d.interactive_prob)
+    parser.add_argument("--focal-weight", type=float, default=d.focal_weight)
+    parser.add_argument("--focal-alpha", type=float, default=d.focal_alpha,
+                        help="focal loss foreground weight (SAM: 0.25; 0.5 keeps thresholds calibrated)")
     parser.add_argument("--crop-prob", type=float, default=d.crop_prob,
                         help="chance of cropping a render to a non-square frame before letterboxing")
     parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step)")
@@ -561,7 +568,7 @@ def main(args: argparse.Namespace) -> int:
     options = TrainOptions(
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
         prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob, seed=args.seed,
-        crop_prob=args.crop_prob,
+        crop_prob=args.crop_prob, focal_weight=args.focal_weight, focal_alpha=args.focal_alpha,
         device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
         log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,
         extra_meta={"command": "fluorosam train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "",
