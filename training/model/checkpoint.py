@@ -44,6 +44,8 @@ def save_checkpoint(model: FluoroSAM, out_dir: str | os.PathLike, meta: dict | N
     tmp_weights, tmp_meta = out / (WEIGHTS_FILE + ".tmp"), out / (META_FILE + ".tmp")
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
     tmp_meta.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+    for tmp in (tmp_weights, tmp_meta):
+        os.chmod(tmp, 0o644)  # readable by the node's user, whatever the writer's umask
     os.replace(tmp_weights, out / WEIGHTS_FILE)
     os.replace(tmp_meta, out / META_FILE)
     return out
