@@ -9,6 +9,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -46,3 +47,14 @@ def start_node_process(transport: str, params_file: str | os.PathLike, log_file:
     with open(log_file, "wb") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen([sys.executable, "-m", "fluorosam_ros.cli", "node", "--transport", transport,
                                  "--params", str(params_file)], stdout=log, stderr=subprocess.STDOUT, env=full_env)
+
+
+def wait_for(predicate, timeout_s: float, poll_s: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout_s`` passes (None)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    return None

@@ -14,7 +14,7 @@ from fluorosam_ros import ros_types as rt
 from fluorosam_ros.core import Detection, Diagnostics, FrameOutput
 from fluorosam_ros.messages import Header, ImageMsg, image_to_numpy, numpy_to_image
 from fluorosam_ros.params import load_params
-from fluorosam_ros.testing import save_random_model, start_node_process, write_params
+from fluorosam_ros.testing import save_random_model, start_node_process, wait_for, write_params
 from fluorosam_ros.transports import dds
 
 STARTUP_S = 180
@@ -94,15 +94,6 @@ def take_all(reader, store):
         store.append(sample)
     return store
 
-
-def wait_for(predicate, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fluorosam_ros.core import NodeCore
 from fluorosam_ros.messages import Header, image_to_numpy, numpy_to_image
 from fluorosam_ros.params import NodeParams, load_params
-from fluorosam_ros.testing import save_random_model, start_node_process, write_params
+from fluorosam_ros.testing import save_random_model, start_node_process, wait_for, write_params
 from fluorosam_ros.transports.zmq_transport import ZmqClient, ZmqTransport, decode_image
 
 STARTUP_S = 180
@@ -26,15 +26,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def wait_for(predicate, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return None
 
 
 class Outputs:
