@@ -278,3 +278,15 @@ def test_stale_export_is_never_used_and_auto_exports_once_to_the_cache(tmp_path,
     assert abs(second.segment(frame, ["heart"]).results[0].score - reference.score) < 1e-3
     with pytest.raises(ValueError, match="different checkpoint"):
         Segmenter(model_dir, backend="onnxruntime", onnx_dir=model_dir / "onnx")
+
+
+def test_describe_matches_pixel_coordinates():
+    from engine.segmenter import _describe
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros((57, 83), bool)
+    mask[5:40, 11:70] = rng.random((35, 59)) > 0.6
+    ys, xs = np.nonzero(mask)
+    area, bbox, centroid = _describe(mask)
+    assert area == xs.size and bbox == (xs.min(), ys.min(), xs.max(), ys.max())
+    assert np.allclose(centroid, (xs.mean(), ys.mean()))

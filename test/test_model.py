@@ -24,7 +24,7 @@ def mini_model():
 def test_registry_and_derived_sizes():
     assert set(CONFIGS) == {"tiny", "base", "large"}
     tiny = get_config("tiny")
-    assert (tiny.image_size, tiny.embed_hw, tiny.mask_hw) == (256, 32, 128)
+    assert (tiny.image_size, tiny.embed_hw, tiny.mask_hw) == (256, 16, 64)
     assert get_config("large").swin_embed_dim == 192 and get_config("large").image_size == 448
     with pytest.raises(KeyError, match="unknown model config"):
         get_config("huge")
@@ -37,7 +37,7 @@ def test_tiny_encode_image_shape_and_dtype():
     model = FluoroSAM(get_config("tiny")).eval()
     with torch.no_grad():
         emb = model.encode_image(torch.randn(2, 1, 256, 256))
-    assert emb.shape == (2, 256, 32, 32) and emb.dtype == torch.float32
+    assert emb.shape == (2, 256, 16, 16) and emb.dtype == torch.float32
     with pytest.raises(ValueError, match="expected images"):
         model.encode_image(torch.randn(1, 3, 256, 256))
 

@@ -136,3 +136,26 @@ def test_prepare_batch_crop_keeps_masks_aligned_with_pixels():
         # Windowing maps mask pixels to 1 -> +2 and the rest (and the zero padding) to 0 -> -2.
         assert torch.equal(image > 0, mask)
         assert batch["area"][0, 0] == mask.sum()
+
+
+def test_warm_start_copies_matching_tensors_only(tmp_path):
+    from training.model import FluoroSAM, save_checkpoint
+    from training.train import warm_start
+
+    torch.manual_seed(0)
+    source = FluoroSAM(MINI).eval()
+    save_checkpoint(source, tmp_path / "src", {})
+    torch.manual_seed(1)
+    target = FluoroSAM(dataclasses.replace(MINI, patch_size=4))  # another stem: its patch embedding differs
+    loaded, skipped = warm_start(target, tmp_path / "src")
+    assert "image_encoder.backbone.patch_embed.proj.weight" in skipped and loaded > 50
+    src_state, dst_state = source.state_dict(), target.state_dict()
+    assert torch.equal(dst_state["mask_decoder.iou_token.weight"], src_state["mask_decoder.iou_token.weight"])
+    assert not torch.equal(dst_state["image_encoder.backbone.patch_embed.proj.weight"].flatten()[:4],
+                           src_state["image_encoder.backbone.patch_embed.proj.weight"].flatten()[:4])
+    from safetensors.torch import save_file
+
+    (tmp_path / "other").mkdir()
+    save_file({"unrelated.weight": torch.zeros(3)}, str(tmp_path / "other" / "model.safetensors"))
+    with pytest.raises(ValueError, match="no tensor matches"):
+        warm_start(target, tmp_path / "other")

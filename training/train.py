@@ -2,9 +2,9 @@
 
 The image encoder is the cost, so every image is decoded with several prompts: up to
 ``--prompts-per-image`` present classes (each with a random training phrase of its class) plus one
-absent class whose target is empty. With probability ``--interactive-prob`` a second, SAM-style round
-adds 1-3 points sampled from the error region of the first prediction, with that prediction as the
-dense prompt. The text projection also sees a batch of phrases from the whole vocabulary every step
+absent class whose target is empty. With probability ``--interactive-prob`` 1-3 SAM-style rounds
+follow, each adding one click sampled from the error region of the previous prediction, with that
+prediction as the dense prompt. The text projection also sees a batch of phrases from the whole vocabulary every step
 (cheap), for the VQ and a supervised contrastive loss that keeps "left lung" and "right lung" apart.
 
 Multi-process: ``torchrun --nproc-per-node N -m training.train ...`` (gloo on CPU, nccl on GPU);
@@ -53,7 +53,7 @@ class TrainOptions:
     grad_clip: float = 1.0
     prompts_per_image: int = 4
     absent_per_image: int = 1
-    interactive_prob: float = 0.4
+    interactive_prob: float = 0.5
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
     contrastive_weight: float = 0.5
@@ -64,6 +64,7 @@ class TrainOptions:
     vq_weight: float = 1.0
     restart_every: int = 50
     seed: int = 0
+    init_from: str | None = None  # checkpoint whose matching tensors initialize a new run
     device: str = "cpu"
     amp: bool = False
     num_workers: int = 1
@@ -253,14 +254,21 @@ class TrainingStep(nn.Module):
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
                "iou_text": first["best_iou"]}
         if interactive_points:
+            # SAM-style rounds: each adds ONE click drawn from the current error region, with the
+            # previous best mask as the dense prompt, so training sees what evaluation and users do.
             rows = torch.arange(n_prompts, device=logits.device)
             prev_low = logits[rows, first["best_index"]].detach()[:, None]
-            coords, labels = sample_error_points(prev_low[:, 0] > 0, targets >= 0.5, interactive_points, generator)
-            coords = coords * factor + (factor - 1) / 2  # low-res pixel -> centre of its input-pixel block
-            logits2, iou2 = model.decode(embeddings, tokens, coords, labels, prev_low)
-            second = multimask_loss(logits2, iou2, targets, options.focal_weight, options.focal_alpha)
-            loss = loss + second["mask"] + second["iou_head"]
-            out["iou_points"] = second["best_iou"]
+            coords = torch.zeros(n_prompts, 0, 2, device=logits.device)
+            labels = torch.zeros(n_prompts, 0, dtype=torch.long, device=logits.device)
+            for _ in range(interactive_points):
+                click, label = sample_error_points(prev_low[:, 0] > 0, targets >= 0.5, 1, generator)
+                coords = torch.cat([coords, click * factor + (factor - 1) / 2], 1)  # low-res px -> input px
+                labels = torch.cat([labels, label], 1)
+                logits_k, iou_k = model.decode(embeddings, tokens, coords, labels, prev_low)
+                round_loss = multimask_loss(logits_k, iou_k, targets, options.focal_weight, options.focal_alpha)
+                loss = loss + (round_loss["mask"] + round_loss["iou_head"]) / interactive_points
+                prev_low = logits_k[rows, round_loss["best_index"]].detach()[:, None]
+            out["iou_points"] = round_loss["best_iou"]
         loss = loss + options.vq_weight * vq_loss + options.contrastive_weight * contrastive
         out.update(loss=loss, vq=vq_loss.detach(), contrastive=contrastive.detach())
         out["_vectors"] = vectors.detach()
@@ -354,6 +362,22 @@ def manifest_sha256(roots: list[str]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- loop
+def warm_start(model: FluoroSAM, checkpoint_dir: str | os.PathLike) -> tuple[int, list[str]]:
+    """Copy every tensor of another checkpoint whose name and shape match (e.g. a model of a changed
+    config); returns (tensors loaded, names left at their initialization)."""
+    from safetensors.torch import load_file
+
+    from training.model.checkpoint import WEIGHTS_FILE
+
+    source = load_file(str(Path(checkpoint_dir) / WEIGHTS_FILE))
+    target = model.state_dict()
+    matched = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    if not matched:
+        raise ValueError(f"{checkpoint_dir}: no tensor matches this model's names and shapes")
+    model.load_state_dict(matched, strict=False)
+    return len(matched), sorted(k for k in target if k not in matched)
+
+
 def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[int], Dataset],
                  vocabulary, out_dir: str | os.PathLike, options: TrainOptions,
                  val_dataset: Dataset | None = None, resume: str | os.PathLike | None = None,
@@ -383,9 +407,14 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
         model.train()
     else:
         model = FluoroSAM(model_config)
+        if options.init_from:
+            loaded, skipped = warm_start(model, options.init_from)
+            if rank == 0:
+                print(f"warm start from {options.init_from}: {loaded} tensors loaded, "
+                      f"{len(skipped)} left at random init ({', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''})")
     model.to(device)
     bank = PhraseBank(model, vocabulary, class_names)
-    if not resume:
+    if not resume and not options.init_from:
         with torch.no_grad():
             model.quantizer.initialize(model.project_text(bank.class_centroids().to(device)))
     model.set_phrase_table(bank.embeddings)
@@ -541,6 +570,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-prob", type=float, default=d.crop_prob,
                         help="chance of cropping a render to a non-square frame before letterboxing")
     parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step)")
+    parser.add_argument("--init-from", default=None,
+                        help="start a NEW run from another checkpoint's weights wherever names and shapes match")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--amp", action="store_true", help="float16 autocast + grad scaling (CUDA only)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -569,7 +600,7 @@ def main(args: argparse.Namespace) -> int:
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
         prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob, seed=args.seed,
         crop_prob=args.crop_prob, focal_weight=args.focal_weight, focal_alpha=args.focal_alpha,
-        device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
+        init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
         log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,
         extra_meta={"command": "fluorosam train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "",
                     "data": args.data, "val": args.val})
