@@ -140,7 +140,7 @@ def test_prepare_batch_crop_keeps_masks_aligned_with_pixels():
 
 def test_warm_start_copies_matching_tensors_only(tmp_path):
     from training.model import FluoroSAM, save_checkpoint
-    from training.train import warm_start
+    from training.train import checkpoint_provenance, warm_start
 
     torch.manual_seed(0)
     source = FluoroSAM(MINI).eval()
@@ -153,6 +153,9 @@ def test_warm_start_copies_matching_tensors_only(tmp_path):
     assert torch.equal(dst_state["mask_decoder.iou_token.weight"], src_state["mask_decoder.iou_token.weight"])
     assert not torch.equal(dst_state["image_encoder.backbone.patch_embed.proj.weight"].flatten()[:4],
                            src_state["image_encoder.backbone.patch_embed.proj.weight"].flatten()[:4])
+    record = checkpoint_provenance(tmp_path / "src")
+    assert record["config"]["name"] == "mini" and len(record["checkpoint_sha256"]) == 64
+
     from safetensors.torch import save_file
 
     (tmp_path / "other").mkdir()

@@ -362,6 +362,18 @@ def manifest_sha256(roots: list[str]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- loop
+def checkpoint_provenance(checkpoint_dir: str | os.PathLike) -> dict:
+    """What a warm-started run came from: path, weights hash and that checkpoint's own training record,
+    so a model.json traces the whole chain of runs."""
+    from engine.export import file_sha256
+    from training.model import read_meta
+    from training.model.checkpoint import WEIGHTS_FILE
+
+    meta = read_meta(checkpoint_dir)
+    return {"path": str(checkpoint_dir), "checkpoint_sha256": file_sha256(Path(checkpoint_dir) / WEIGHTS_FILE),
+            "config": meta.get("config"), "training": meta.get("training")}
+
+
 def warm_start(model: FluoroSAM, checkpoint_dir: str | os.PathLike) -> tuple[int, list[str]]:
     """Copy every tensor of another checkpoint whose name and shape match (e.g. a model of a changed
     config); returns (tensors loaded, names left at their initialization)."""
@@ -603,7 +615,8 @@ def main(args: argparse.Namespace) -> int:
         init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
         log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,
         extra_meta={"command": "fluorosam train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "",
-                    "data": args.data, "val": args.val})
+                    "data": args.data, "val": args.val,
+                    **({"initialized_from": checkpoint_provenance(args.init_from)} if args.init_from else {})})
 
     parts = [ShardDataset(root, augment=True, seed=args.seed) for root in args.data]
 
