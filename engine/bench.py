@@ -53,7 +53,8 @@ def measure(segmenter, frames: list[np.ndarray], iterations: int, progress: bool
     """All figures for one Segmenter; ``frames`` must hold at least ``iterations`` distinct frames."""
     from engine.segmenter import Prompt
 
-    bar = tqdm(total=iterations * 5 + 4 * 2 * max(2, iterations // 4), desc=f"bench {segmenter.backend_name}",
+    stream_frames = frames[: max(4, iterations // 2)]  # enough new frames that one slow call cannot decide the ratio
+    bar = tqdm(total=iterations * 5 + 4 * 2 * len(stream_frames), desc=f"bench {segmenter.backend_name}",
                unit="call", disable=not progress)
 
     def run(frame, prompts):
@@ -78,8 +79,6 @@ def measure(segmenter, frames: list[np.ndarray], iterations: int, progress: bool
     by_k = {}
     for k in (1, 4, 8):
         by_k[k] = [run(frames[(i + 3) % len(frames)], PROMPTS[:k]) for i in range(iterations)]
-    stream_frames = frames[: max(2, iterations // 4)]
-
     def stream(reuse: bool) -> float:
         started = time.perf_counter()
         for frame in stream_frames:
