@@ -81,9 +81,9 @@ class FluoroSAMConfig:
 CONFIGS: dict[str, FluoroSAMConfig] = {
     # 256 px, patch 2 -> Swin stages at stride 2/4/8/16 -> 16x16x256 embedding, 64x64 masks.
     # Why this shape: on a CPU the decoder cost grows with the embedding grid and the encoder cost with
-    # the token count of its first stages. The patch-2 stem spends the compute in the encoder (~80 ms,
+    # the token count of its first stages. The patch-2 stem spends the compute in the encoder (~90 ms,
     # onnxruntime, 1 thread) and the 16x16 grid keeps a prompt's decode near 2 ms, so a prompt change
-    # or a held frame costs ~1/25 of a new frame. (The stride-8, patch-4 model it replaced spent 30 ms
+    # or a held frame costs ~1/24 of a new frame. (The stride-8, patch-4 model it replaced spent 30 ms
     # encoding and 8 ms per prompt decoding: a held frame saved only 4x.)
     "tiny": FluoroSAMConfig(name="tiny", image_size=256, patch_size=2, swin_embed_dim=48, swin_depths=(2, 2, 2, 2),
                             swin_heads=(3, 6, 12, 24), window_size=8, embed_stride=16, codebook_size=512),
