@@ -79,6 +79,7 @@ def measure(segmenter, frames: list[np.ndarray], iterations: int, progress: bool
     by_k = {}
     for k in (1, 4, 8):
         by_k[k] = [run(frames[(i + 3) % len(frames)], PROMPTS[:k]) for i in range(iterations)]
+
     def stream(reuse: bool) -> float:
         started = time.perf_counter()
         for frame in stream_frames:

@@ -66,7 +66,6 @@ class SegmentResult:
 @dataclass
 class _KeptFrame:
     frame: np.ndarray  # a private copy: the caller may reuse its buffer for the next frame
-    shape: tuple[int, ...]
     thumbnail: np.ndarray
     window: tuple[float, float]
     geometry: Letterbox
@@ -289,7 +288,7 @@ class Segmenter:
             self.counters["embedding_reuses"] += 1
             return kept.embedding, kept.geometry, True
         thumbnail = _thumbnail(frame)
-        if (self.near_duplicate_threshold is not None and kept is not None and kept.shape == frame.shape
+        if (self.near_duplicate_threshold is not None and kept is not None and kept.frame.shape == frame.shape
                 and kept.thumbnail.shape == thumbnail.shape):
             lo, hi = kept.window
             change = float(np.abs(thumbnail - kept.thumbnail).mean()) / (hi - lo)
@@ -307,7 +306,7 @@ class Segmenter:
         self.counters["embedding_computes"] += 1
         lo, hi = np.percentile(thumbnail, (0.5, 99.5))
         window = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
-        self._kept = _KeptFrame(frame.copy(), frame.shape, thumbnail, window, geometry, embedding)
+        self._kept = _KeptFrame(frame.copy(), thumbnail, window, geometry, embedding)
         return embedding, geometry, False
 
     # --------------------------------------------------------------------------------------- segment

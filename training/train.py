@@ -4,8 +4,8 @@ The image encoder is the cost, so every image is decoded with several prompts: u
 ``--prompts-per-image`` present classes (each with a random training phrase of its class) plus one
 absent class whose target is empty. With probability ``--interactive-prob`` 1-3 SAM-style rounds
 follow, each adding one click sampled from the error region of the previous prediction, with that
-prediction as the dense prompt. The text projection also sees a batch of phrases from the whole vocabulary every step
-(cheap), for the VQ and a supervised contrastive loss that keeps "left lung" and "right lung" apart.
+prediction as the dense prompt. The text projection also sees a batch of phrases from the whole
+vocabulary every step (cheap), for the VQ and a supervised contrastive loss that keeps "left lung" and "right lung" apart.
 
 Multi-process: ``torchrun --nproc-per-node N -m training.train ...`` (gloo on CPU, nccl on GPU);
 rank 0 logs and checkpoints. Resume with ``--resume OUT`` (weights + optimizer + step + RNG).
