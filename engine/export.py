@@ -3,8 +3,9 @@
 Two graphs, as segment-anything's ONNX export does it: export-only wrapper modules with no
 data-dependent control flow and fixed shapes except the prompt count K (and the point count P):
 
-* ``image_encoder.onnx``: image (1, 1, S, S) normalized -> image_embedding (1, 256, h, w)
-* ``prompt_decoder.onnx``: image_embedding (1, 256, h, w), text_tokens (K, 256), point_coords (K, P, 2)
+* ``image_encoder.onnx``: image (1, 1, S, S) normalized -> image_embedding (1, 256, h, w) and, for
+  models with high-resolution features, high_res_2x (1, 64, 2h, 2w) and high_res_4x (1, 32, 4h, 4w)
+* ``prompt_decoder.onnx``: the encoder's outputs, text_tokens (K, 256), point_coords (K, P, 2)
   model-input pixels, point_labels (K, P) float (1 positive, 0 negative, -1 padding), mask_input
   (K, 1, 4h, 4w) logits, has_mask_input (K, 1) -> masks (K, 4h, 4w) best-mask logits, scores (K,) its
   predicted IoU, iou_predictions (K, 3). The best of the 3 masks is picked inside the graph.
@@ -38,10 +39,20 @@ DECODER_FILE = "prompt_decoder.onnx"
 TEXT_TABLE_FILE = "text_tokens.safetensors"
 EXPORT_META_FILE = "export.json"
 OPSET = 17  # LayerNormalization is a single op from 17 on, which TensorRT 10 maps to its normalization layer
+EXPORT_FORMAT_VERSION = 2  # 2: the encoder's outputs (embedding + high-res features) are listed in export.json
 ENCODER_INPUTS = ["image"]
-ENCODER_OUTPUTS = ["image_embedding"]
-DECODER_INPUTS = ["image_embedding", "text_tokens", "point_coords", "point_labels", "mask_input", "has_mask_input"]
+HIGH_RES_NAMES = ["high_res_2x", "high_res_4x"]  # relative to the embedding grid, coarse to fine
+PROMPT_INPUTS = ["text_tokens", "point_coords", "point_labels", "mask_input", "has_mask_input"]
 DECODER_OUTPUTS = ["masks", "scores", "iou_predictions"]
+
+
+def embedding_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor the encoder hands the decoder, in graph order."""
+    hw = config.embed_hw
+    shapes = {"image_embedding": (1, config.embed_dim, hw, hw)}
+    for name, (channels, side) in zip(HIGH_RES_NAMES, config.high_res_shapes):
+        shapes[name] = (1, channels, side, side)
+    return shapes
 
 
 class ChannelLayerNorm(nn.Module):
@@ -72,13 +83,13 @@ def with_channel_layernorm(module: nn.Module) -> nn.Module:
 
 
 class ImageEncoderExport(nn.Module):
-    """(1, 1, S, S) normalized image -> (1, 256, h, w) embedding."""
+    """(1, 1, S, S) normalized image -> the tensors of :func:`embedding_shapes`, in order."""
 
     def __init__(self, model) -> None:
         super().__init__()
         self.image_encoder = with_channel_layernorm(model.image_encoder)
 
-    def forward(self, image: Tensor) -> Tensor:
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         return self.image_encoder(image)
 
 
@@ -95,6 +106,7 @@ class PromptDecoderExport(nn.Module):
         self.prompt_encoder = with_channel_layernorm(model.prompt_encoder)
         self.mask_decoder = with_channel_layernorm(model.mask_decoder)
         self.input_size = float(config.image_size)
+        self.num_embeddings = len(embedding_shapes(config))
         # The dense positional encoding depends only on the grid size: a constant of the graph.
         with torch.no_grad():
             self.register_buffer("image_pe", model.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
@@ -111,15 +123,17 @@ class PromptDecoderExport(nn.Module):
                 embedding.dtype)
         return embedding
 
-    def forward(self, image_embedding: Tensor, text_tokens: Tensor, point_coords: Tensor, point_labels: Tensor,
-                mask_input: Tensor, has_mask_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs in the order of :func:`decoder_input_names`: the encoder's outputs, then the prompts."""
+        image_embedding, *high_res = inputs[:self.num_embeddings]
+        text_tokens, point_coords, point_labels, mask_input, has_mask_input = inputs[self.num_embeddings:]
         sparse = torch.cat([text_tokens[:, None, :], self._embed_points(point_coords, point_labels)], dim=1)
         has_mask = has_mask_input[:, :, None, None]
         dense = (self.prompt_encoder.mask_downscaling(mask_input) * has_mask
                  + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1) * (1 - has_mask))
         masks, iou_predictions = self.mask_decoder.predict_masks(
             image_embeddings=image_embedding, image_pe=self.image_pe,
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, high_res_features=tuple(high_res))
         # SAM's multimask output: token 0 is the single-mask output, tokens 1..3 the three masks.
         masks, iou_predictions = masks[:, 1:], iou_predictions[:, 1:]
         best = iou_predictions.argmax(dim=1, keepdim=True)  # (K, 1)
@@ -150,11 +164,16 @@ def pack_points(point_lists: list[list[tuple[float, float, int]]], to_input) -> 
     return coords, labels
 
 
+def decoder_input_names(config) -> list[str]:
+    return [*embedding_shapes(config), *PROMPT_INPUTS]
+
+
 def example_decoder_inputs(config, k: int = 2, points: int = 2) -> tuple[Tensor, ...]:
-    """Shapes the decoder graph is traced with (K and P are dynamic axes)."""
-    hw, m = config.embed_hw, config.mask_hw
+    """Inputs the decoder graph is traced with (K and P are dynamic axes)."""
+    m = config.mask_hw
     generator = torch.Generator().manual_seed(0)
-    return (torch.randn(1, config.embed_dim, hw, hw, generator=generator),
+    embeddings = tuple(torch.randn(*shape, generator=generator) for shape in embedding_shapes(config).values())
+    return (*embeddings,
             torch.randn(k, config.embed_dim, generator=generator),
             torch.rand(k, points, 2, generator=generator) * config.image_size,
             torch.tensor([[1.0] * (points - 1) + [-1.0]] * k),
@@ -244,11 +263,12 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, with_
     config = model.config
     started = time.perf_counter()
     size = config.image_size
+    embeddings = embedding_shapes(config)
     _export_graph(ImageEncoderExport(model), (torch.zeros(1, 1, size, size),), out / ENCODER_FILE,
-                  ENCODER_INPUTS, ENCODER_OUTPUTS, None)
+                  ENCODER_INPUTS, list(embeddings), None)
     prompts, points = {0: "prompts"}, {0: "prompts", 1: "points"}
     _export_graph(PromptDecoderExport(model), example_decoder_inputs(config), out / DECODER_FILE,
-                  DECODER_INPUTS, DECODER_OUTPUTS,
+                  decoder_input_names(config), DECODER_OUTPUTS,
                   {"text_tokens": prompts, "point_coords": points, "point_labels": points, "mask_input": prompts,
                    "has_mask_input": prompts, "masks": prompts, "scores": prompts, "iou_predictions": prompts})
     files = [ENCODER_FILE, DECODER_FILE]
@@ -258,11 +278,13 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, with_
         save_text_table(table, out / TEXT_TABLE_FILE)
         files.append(TEXT_TABLE_FILE)
         vocabulary_sha = table["vocabulary_sha256"]
-    meta = {"format_version": 1, "opset": OPSET, "torch": torch.__version__,
+    meta = {"format_version": EXPORT_FORMAT_VERSION, "opset": OPSET, "torch": torch.__version__,
             "config": config.to_dict(), "image_size": size, "embed_dim": config.embed_dim,
             "embed_hw": config.embed_hw, "mask_hw": config.mask_hw,
-            "encoder": {"inputs": ENCODER_INPUTS, "outputs": ENCODER_OUTPUTS},
-            "decoder": {"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS, "dynamic": ["prompts", "points"]},
+            "embeddings": {name: list(shape) for name, shape in embeddings.items()},
+            "encoder": {"inputs": ENCODER_INPUTS, "outputs": list(embeddings)},
+            "decoder": {"inputs": decoder_input_names(config), "outputs": DECODER_OUTPUTS,
+                        "dynamic": ["prompts", "points"]},
             "checkpoint_sha256": file_sha256(Path(model_dir) / WEIGHTS_FILE),
             "vocabulary_sha256": vocabulary_sha,
             "sha256": {name: file_sha256(out / name) for name in files},
@@ -275,7 +297,11 @@ def read_export_meta(onnx_dir: str | os.PathLike) -> dict:
     path = Path(onnx_dir) / EXPORT_META_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {EXPORT_META_FILE} in {onnx_dir}: run `fluorosam export` first")
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise ValueError(f"{path}: export format {meta.get('format_version')}, this runtime reads "
+                         f"{EXPORT_FORMAT_VERSION}; run `fluorosam export` again")
+    return meta
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -168,6 +168,10 @@ class Segmenter:
                     return Path(candidate)
             except FileNotFoundError:
                 continue
+            except ValueError:  # an export in an older format: re-export, unless the user chose it
+                if explicit is not None and candidate == Path(explicit):
+                    raise
+                continue
             if explicit is not None and candidate == Path(explicit):
                 raise ValueError(f"{explicit} was exported from a different checkpoint than {self.model_dir}")
         if explicit is not None:

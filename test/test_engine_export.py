@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from engine.export import (DECODER_FILE, ENCODER_FILE, TEXT_TABLE_FILE, export_model, load_text_table,
-                           pack_points, read_export_meta)
+from engine.export import (DECODER_FILE, ENCODER_FILE, TEXT_TABLE_FILE, embedding_shapes, export_model,
+                           load_text_table, pack_points, read_export_meta)
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
 
 OPS_FILE = Path(__file__).parent / "data" / "tensorrt_onnx_ops.txt"
@@ -23,7 +23,11 @@ pytestmark = pytest.mark.slow  # one export of the tiny model per module (~10-20
 def exported(tmp_path_factory):
     torch.manual_seed(0)
     model_dir = tmp_path_factory.mktemp("model")
-    save_checkpoint(FluoroSAM(get_config("tiny")).eval(), model_dir, {})
+    model = FluoroSAM(get_config("tiny")).eval()
+    with torch.no_grad():  # the high-res projections start at zero: make the path matter for parity
+        for projection in model.image_encoder.high_res:
+            projection[1].weight.normal_(0, 0.05)
+    save_checkpoint(model, model_dir, {})
     onnx_dir = export_model(model_dir, tmp_path_factory.mktemp("onnx"), text_phrases=TABLE_PHRASES)
     model, _ = load_checkpoint(model_dir)
     return model, onnx_dir
@@ -53,6 +57,10 @@ def test_graphs_pass_the_checker_and_meta_hashes_match(exported):
     assert dims["text_tokens"] == ["prompts", 256]
     assert dims["point_coords"] == ["prompts", "points", 2]
     assert dims["image_embedding"] == [1, 256, meta["embed_hw"], meta["embed_hw"]]
+    hw = meta["embed_hw"]
+    assert meta["embeddings"] == {"image_embedding": [1, 256, hw, hw], "high_res_2x": [1, 64, 2 * hw, 2 * hw],
+                                  "high_res_4x": [1, 32, 4 * hw, 4 * hw]}
+    assert all(dims[name] == shape for name, shape in meta["embeddings"].items())
     assert json.loads((onnx_dir / "export.json").read_text())["opset"] == meta["opset"]
 
 
@@ -60,10 +68,12 @@ def test_encoder_parity(exported):
     model, onnx_dir = exported
     image = torch.randn(1, 1, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference = model.encode_image(image).numpy()
-    embedding = _session(onnx_dir / ENCODER_FILE).run(None, {"image": image.numpy()})[0]
-    assert embedding.shape == reference.shape
-    assert np.abs(embedding - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
+        references = [t.numpy() for t in model.encode_image(image)]
+    outputs = _session(onnx_dir / ENCODER_FILE).run(None, {"image": image.numpy()})
+    assert len(outputs) == len(references) == 3
+    for output, reference in zip(outputs, references):
+        assert output.shape == reference.shape
+        assert np.abs(output - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
 
 
 @pytest.mark.parametrize("k,clicks,with_mask", [(1, 0, False), (4, 0, False), (3, 2, True), (9, 1, False)])
@@ -71,7 +81,7 @@ def test_decoder_parity(exported, k, clicks, with_mask):
     model, onnx_dir = exported
     config = model.config
     g = torch.Generator().manual_seed(k * 10 + clicks)
-    embedding = torch.randn(1, 256, config.embed_hw, config.embed_hw, generator=g)
+    embeddings = {name: torch.randn(*shape, generator=g) for name, shape in embedding_shapes(config).items()}
     tokens = torch.randn(k, 256, generator=g)
     points = [[(float(x), float(y), int(lbl)) for x, y, lbl in zip(torch.randint(0, 255, (clicks,), generator=g),
                                                                    torch.randint(0, 255, (clicks,), generator=g),
@@ -81,13 +91,13 @@ def test_decoder_parity(exported, k, clicks, with_mask):
     mask_input = torch.randn(k, 1, config.mask_hw, config.mask_hw, generator=g)
     has_mask = np.full((k, 1), float(with_mask), np.float32)
     masks, scores, ious = _session(onnx_dir / DECODER_FILE).run(None, {
-        "image_embedding": embedding.numpy(), "text_tokens": tokens.numpy(), "point_coords": coords,
+        **{name: t.numpy() for name, t in embeddings.items()}, "text_tokens": tokens.numpy(), "point_coords": coords,
         "point_labels": labels, "mask_input": mask_input.numpy(), "has_mask_input": has_mask})
     with torch.no_grad():
         # FluoroSAM.decode appends SAM's padding point itself: give it the clicks without pack_points' pad.
         ref_coords = torch.from_numpy(coords[:, :-1]) if clicks else None
         ref_labels = torch.from_numpy(labels[:, :-1]).long() if clicks else None
-        logits, iou_pred = model.decode(embedding, tokens, ref_coords, ref_labels, mask_input if with_mask else None)
+        logits, iou_pred = model.decode(tuple(embeddings.values()), tokens, ref_coords, ref_labels, mask_input if with_mask else None)
         best, best_score = model.best_mask(logits, iou_pred)
     assert masks.shape == (k, config.mask_hw, config.mask_hw)
     np.testing.assert_allclose(scores, best_score.numpy(), atol=1e-3)
@@ -133,3 +143,9 @@ def test_pack_points_pads_like_sam():
     assert coords.shape == (2, 0, 2) and labels.shape == (2, 0)
     with pytest.raises(ValueError, match="label"):
         pack_points([[(1.0, 2.0, 3)]], lambda xy: xy)
+
+
+def test_an_export_in_an_older_format_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "export.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(ValueError, match="run `fluorosam export` again"):
+        read_export_meta(tmp_path)

@@ -31,13 +31,21 @@ def test_registry_and_derived_sizes():
     with pytest.raises(ValueError, match="divisible"):
         dataclasses.replace(tiny, image_size=250)
     assert FluoroSAMConfig.from_dict(tiny.to_dict()) == tiny
+    assert tiny.high_res_shapes == [(64, 32), (32, 64)]
+    with pytest.raises(ValueError, match="high_res_features needs a backbone stage"):
+        dataclasses.replace(tiny, patch_size=8, swin_depths=(2, 2), swin_heads=(3, 6))
+    # A model.json written before the field existed rebuilds the model it described (no high-res path).
+    old = tiny.to_dict()
+    del old["high_res_features"]
+    assert FluoroSAMConfig.from_dict(old).high_res_shapes == []
 
 
 def test_tiny_encode_image_shape_and_dtype():
     model = FluoroSAM(get_config("tiny")).eval()
     with torch.no_grad():
         emb = model.encode_image(torch.randn(2, 1, 256, 256))
-    assert emb.shape == (2, 256, 16, 16) and emb.dtype == torch.float32
+    assert [tuple(t.shape) for t in emb] == [(2, 256, 16, 16), (2, 64, 32, 32), (2, 32, 64, 64)]
+    assert all(t.dtype == torch.float32 for t in emb)
     with pytest.raises(ValueError, match="expected images"):
         model.encode_image(torch.randn(1, 3, 256, 256))
 
@@ -69,17 +77,23 @@ def test_oov_flags_follow_thresholds(mini_model):
     assert enc.oov.tolist() == [False, False, True]
 
 
+def _random_embeddings(config, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    hw = config.embed_hw
+    return (torch.randn(batch, 256, hw, hw), *(torch.randn(batch, c, side, side) for c, side in config.high_res_shapes))
+
+
 def test_decode_shapes_and_shared_embedding_broadcast(mini_model):
     torch.manual_seed(1)
     n, hw = 3, MINI.embed_hw
-    emb = torch.randn(1, 256, hw, hw)
+    emb = _random_embeddings(MINI)
     tokens = torch.randn(n, 256)
     coords = torch.rand(n, 2, 2) * MINI.image_size
     labels = torch.tensor([[1, 0], [1, -1], [0, 1]])
     masks = torch.randn(n, 1, 4 * hw, 4 * hw)
     with torch.no_grad():
         shared = mini_model.decode(emb, tokens, coords, labels, masks)
-        repeated = mini_model.decode(emb.expand(n, -1, -1, -1).clone(), tokens, coords, labels, masks)
+        repeated = mini_model.decode(tuple(e.expand(n, -1, -1, -1).clone() for e in emb), tokens, coords, labels,
+                                     masks)
         text_only = mini_model.decode(emb, tokens)
     assert shared[0].shape == (n, 3, 4 * hw, 4 * hw) and shared[1].shape == (n, 3)
     assert shared[0].dtype == torch.float32
@@ -90,10 +104,33 @@ def test_decode_shapes_and_shared_embedding_broadcast(mini_model):
     with torch.no_grad():
         single = mini_model.decode(emb, tokens[1:2], coords[1:2], labels[1:2], masks[1:2])
     torch.testing.assert_close(single[0][0], shared[0][1], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="image embeddings"):
-        mini_model.decode(torch.randn(2, 256, hw, hw), tokens)
+    with pytest.raises(ValueError, match="image_embeddings"):
+        mini_model.decode(_random_embeddings(MINI, batch=2), tokens)
+    with pytest.raises(ValueError, match="image_embeddings"):
+        mini_model.decode(emb[:1], tokens)  # the high-res features are missing
     with pytest.raises(ValueError, match="mask_input"):
         mini_model.decode(emb, tokens, mask_input=torch.randn(n, 1, 8, 8))
+
+
+def test_high_res_features_start_silent_then_shape_the_masks(tmp_path):
+    """Zero-initialized projections: a model warm-started from one without high-res features decodes
+    exactly as before; once the projections are nonzero, the fine features change the masks."""
+    from training.train import warm_start
+
+    torch.manual_seed(3)
+    without = FluoroSAM(dataclasses.replace(MINI, high_res_features=False)).eval()
+    with_high_res = FluoroSAM(MINI).eval()
+    images, tokens = torch.randn(1, 1, 64, 64), torch.randn(2, 256)
+    save_checkpoint(without, tmp_path, {})
+    _, left_at_init = warm_start(with_high_res, tmp_path)
+    assert {name.split(".")[1] for name in left_at_init if name != "phrase_table"} == {"high_res"}
+    with torch.no_grad():
+        before = without.decode(without.encode_image(images), tokens)[0]
+        torch.testing.assert_close(with_high_res.decode(with_high_res.encode_image(images), tokens)[0], before)
+        for projection in with_high_res.image_encoder.high_res:
+            projection[1].weight.normal_(0, 0.5)
+        after = with_high_res.decode(with_high_res.encode_image(images), tokens)[0]
+    assert (after - before).abs().max() > 1e-2
 
 
 def test_vector_quantizer_straight_through_and_restart():
@@ -129,7 +166,7 @@ def test_checkpoint_round_trip_bit_exact(mini_model, tmp_path):
     assert not any(k.startswith("sentence") for k in load_file(str(tmp_path / "model.safetensors")))
     with torch.no_grad():
         x = torch.randn(1, 1, 64, 64)
-        assert torch.equal(loaded.encode_image(x), mini_model.encode_image(x))
+        assert all(torch.equal(a, b) for a, b in zip(loaded.encode_image(x), mini_model.encode_image(x), strict=True))
     mini_model.set_phrase_table(torch.zeros(0, MINI.text_dim))
     mini_model.set_oov_thresholds(math.inf, -math.inf)
 

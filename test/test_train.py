@@ -146,7 +146,7 @@ def test_warm_start_copies_matching_tensors_only(tmp_path):
     source = FluoroSAM(MINI).eval()
     save_checkpoint(source, tmp_path / "src", {})
     torch.manual_seed(1)
-    target = FluoroSAM(dataclasses.replace(MINI, patch_size=4))  # another stem: its patch embedding differs
+    target = FluoroSAM(dataclasses.replace(MINI, patch_size=4, high_res_features=False))  # another stem
     loaded, skipped = warm_start(target, tmp_path / "src")
     assert "image_encoder.backbone.patch_embed.proj.weight" in skipped and loaded > 50
     src_state, dst_state = source.state_dict(), target.state_dict()

@@ -243,7 +243,7 @@ class TrainingStep(nn.Module):
         contrastive = supervised_contrastive_loss(
             vectors, torch.cat([class_index, text_labels]))
 
-        embeddings = model.encode_image(images)[image_index]
+        embeddings = tuple(e[image_index] for e in model.encode_image(images))
         # Loss at the decoder's resolution (4x the embedding) against area-averaged soft targets:
         # the decoder is most of a step's cost, upsampling every prompt's 3 masks would add more.
         factor = model.config.image_size // model.config.mask_hw

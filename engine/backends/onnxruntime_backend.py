@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.export import DECODER_FILE, DECODER_INPUTS, ENCODER_FILE
+from engine.export import DECODER_FILE, ENCODER_FILE, PROMPT_INPUTS
 
 
 class OnnxRuntimeBackend:
@@ -30,12 +30,15 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = 1
         self.decoder = ort.InferenceSession(str(onnx_dir / DECODER_FILE), options, providers=providers)
         self._encoder_input = self.encoder.get_inputs()[0].name
+        self._embedding_names = [output.name for output in self.encoder.get_outputs()]
 
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        return self.encoder.run(None, {self._encoder_input: np.ascontiguousarray(image, np.float32)})[0]
+    def encode(self, image: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The embedding and any high-res features, as the decoder takes them."""
+        return tuple(self.encoder.run(None, {self._encoder_input: np.ascontiguousarray(image, np.float32)}))
 
     def decode(self, embedding, text_tokens, point_coords, point_labels, mask_input, has_mask_input):
-        arrays = (embedding, text_tokens, point_coords, point_labels, mask_input, has_mask_input)
-        feeds = {name: np.ascontiguousarray(a, np.float32) for name, a in zip(DECODER_INPUTS, arrays)}
+        feeds = dict(zip(self._embedding_names, embedding))
+        arrays = (text_tokens, point_coords, point_labels, mask_input, has_mask_input)
+        feeds.update((name, np.ascontiguousarray(a, np.float32)) for name, a in zip(PROMPT_INPUTS, arrays))
         masks, scores, ious = self.decoder.run(None, feeds)
         return masks, scores, ious

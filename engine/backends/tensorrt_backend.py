@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.export import DECODER_INPUTS, DECODER_OUTPUTS, read_export_meta
+from engine.export import DECODER_OUTPUTS, PROMPT_INPUTS, read_export_meta
 
 MAX_PROMPTS = 16  # optimization profile K = 1..16; the Segmenter decodes more in chunks of 16
 MAX_POINTS = 9  # P = 0..9 (up to 8 clicks + SAM's padding point)
@@ -86,10 +86,10 @@ def build_engine(onnx_path: Path, plan_path: Path, fp16: bool, embed: dict | Non
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = _pin_fp32(network)
-    if embed is not None:  # the decoder: K prompts and P points are dynamic
+    if embed is not None:  # the decoder: K prompts and P points are dynamic (the encoder's outputs are not)
         profile = builder.create_optimization_profile()
-        hw, m, dim = embed["embed_hw"], embed["mask_hw"], embed["embed_dim"]
-        shapes = {"image_embedding": lambda k, p: (1, dim, hw, hw), "text_tokens": lambda k, p: (k, dim),
+        m, dim = embed["mask_hw"], embed["embed_dim"]
+        shapes = {"text_tokens": lambda k, p: (k, dim),
                   "point_coords": lambda k, p: (k, p, 2), "point_labels": lambda k, p: (k, p),
                   "mask_input": lambda k, p: (k, 1, m, m), "has_mask_input": lambda k, p: (k, 1)}
         for index in range(network.num_inputs):
@@ -130,7 +130,7 @@ def build_engines(onnx_dir: str | os.PathLike, engine_dir: str | os.PathLike, fp
 
 
 class TensorRTBackend:
-    """Runs the two engines; the image embedding stays in a device buffer between encode and decode."""
+    """Runs the two engines; the encoder's outputs stay in device buffers between encode and decode."""
 
     name = "tensorrt"
 
@@ -150,10 +150,12 @@ class TensorRTBackend:
         self._engines = {stem: self._runtime.deserialize_cuda_engine(p.read_bytes()) for stem, p in paths.items()}
         self._contexts = {stem: e.create_execution_context() for stem, e in self._engines.items()}
         self._stream = cuda.Stream()
-        hw, m, dim, size = self.meta["embed_hw"], self.meta["mask_hw"], self.meta["embed_dim"], self.meta["image_size"]
+        m, dim, size = self.meta["mask_hw"], self.meta["embed_dim"], self.meta["image_size"]
         f32 = np.dtype(np.float32).itemsize
         self._image = cuda.mem_alloc(size * size * f32)
-        self._embedding = cuda.mem_alloc(dim * hw * hw * f32)
+        # One buffer per encoder output (the embedding and any high-res features), named as in export.json.
+        self._embeddings = {name: cuda.mem_alloc(int(np.prod(shape)) * f32)
+                            for name, shape in self.meta["embeddings"].items()}
         # Decoder buffers sized for the largest profile; each call binds the shapes it uses.
         input_sizes = {"text_tokens": MAX_PROMPTS * dim, "point_coords": MAX_PROMPTS * MAX_POINTS * 2,
                        "point_labels": MAX_PROMPTS * MAX_POINTS, "mask_input": MAX_PROMPTS * m * m,
@@ -163,14 +165,15 @@ class TensorRTBackend:
                          "iou_predictions": cuda.mem_alloc(MAX_PROMPTS * 3 * f32)}
         encoder = self._contexts["image_encoder"]
         encoder.set_tensor_address("image", int(self._image))
-        encoder.set_tensor_address("image_embedding", int(self._embedding))
+        for name, buffer in self._embeddings.items():
+            encoder.set_tensor_address(name, int(buffer))
 
     def encode(self, image: np.ndarray):
         self._cuda.memcpy_htod_async(self._image, np.ascontiguousarray(image, np.float32), self._stream)
         if not self._contexts["image_encoder"].execute_async_v3(self._stream.handle):
             raise RuntimeError("TensorRT image encoder execution failed")
         self._stream.synchronize()
-        return self._embedding  # device buffer, valid until the next encode
+        return self._embeddings  # device buffers by name, valid until the next encode
 
     def decode(self, embedding, text_tokens, point_coords, point_labels, mask_input, has_mask_input):
         k = text_tokens.shape[0]
@@ -182,8 +185,9 @@ class TensorRTBackend:
         if point_coords.shape[1] > MAX_POINTS:
             raise ValueError(f"at most {MAX_POINTS - 1} points per prompt with the TensorRT engine")
         context = self._contexts["prompt_decoder"]
-        context.set_tensor_address("image_embedding", int(embedding))
-        arrays = dict(zip(DECODER_INPUTS[1:], (text_tokens, point_coords, point_labels, mask_input, has_mask_input)))
+        for name, buffer in embedding.items():
+            context.set_tensor_address(name, int(buffer))
+        arrays = dict(zip(PROMPT_INPUTS, (text_tokens, point_coords, point_labels, mask_input, has_mask_input)))
         for name, array in arrays.items():
             array = np.ascontiguousarray(array, np.float32)
             context.set_input_shape(name, array.shape)

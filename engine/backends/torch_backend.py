@@ -19,7 +19,7 @@ class TorchBackend:
         self._graph = None
         self._use_graphs = cuda_graphs and self.cuda
         self._static_in: torch.Tensor | None = None
-        self._static_out: torch.Tensor | None = None
+        self._static_out: tuple[torch.Tensor, ...] | None = None
 
     def _autocast(self):
         # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
@@ -40,14 +40,15 @@ class TorchBackend:
             self._static_out = self.encoder(self._static_in)
 
     @torch.inference_mode()
-    def encode(self, image: np.ndarray) -> torch.Tensor:
+    def encode(self, image: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The embedding and any high-res features (on the device), as the decoder takes them."""
         tensor = torch.from_numpy(image).to(self.device, non_blocking=True)
         if self._use_graphs:
             if self._graph is None:
                 self._capture_encoder(tensor)
             self._static_in.copy_(tensor)
             self._graph.replay()
-            return self._static_out.clone()
+            return tuple(output.clone() for output in self._static_out)
         with self._autocast():
             return self.encoder(tensor)
 
@@ -55,6 +56,6 @@ class TorchBackend:
     def decode(self, embedding, text_tokens, point_coords, point_labels, mask_input, has_mask_input):
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)  # noqa: E731
         with self._autocast():
-            masks, scores, ious = self.decoder(embedding, to(text_tokens), to(point_coords), to(point_labels),
+            masks, scores, ious = self.decoder(*embedding, to(text_tokens), to(point_coords), to(point_labels),
                                                to(mask_input), to(has_mask_input))
         return (masks.float().cpu().numpy(), scores.float().cpu().numpy(), ious.float().cpu().numpy())

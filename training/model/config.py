@@ -23,6 +23,9 @@ class FluoroSAMConfig:
     drop_path_rate: float = 0.1
     embed_stride: int = 8  # image embedding = image_size / embed_stride per side
     embed_dim: int = 256  # channels of the image embedding and of every prompt token (SAM's)
+    # SAM 2's high-resolution features: backbone stages at 1/2 and 1/4 of the embedding stride are
+    # added inside the decoder's mask upscaling, so mask edges follow the image instead of the grid.
+    high_res_features: bool = False
     text_encoder: str = "minilm"  # "minilm" (packaged, offline) | "clip" (needs clip_path)
     clip_path: str = ""  # local folder of a Hugging Face CLIP model, used only with text_encoder="clip"
     text_dim: int = 384  # sentence-embedding width of the frozen text encoder
@@ -46,6 +49,9 @@ class FluoroSAMConfig:
         if (self.image_size // deepest) % self.window_size and self.image_size // deepest > self.window_size:
             raise ValueError(f"window_size {self.window_size} does not tile the deepest stage "
                              f"({self.image_size // deepest} tokens per side)")
+        if self.high_res_features and self.patch_size > self.embed_stride // 4:
+            raise ValueError(f"high_res_features needs a backbone stage at stride {self.embed_stride // 4}; "
+                             f"patch_size {self.patch_size} starts at stride {self.patch_size}")
         if self.text_encoder not in ("minilm", "clip"):
             raise ValueError(f"text_encoder must be 'minilm' or 'clip', got {self.text_encoder!r}")
 
@@ -58,6 +64,16 @@ class FluoroSAMConfig:
     def mask_hw(self) -> int:
         """Side of the low-resolution mask logits the decoder returns (4x the embedding, as SAM)."""
         return 4 * self.embed_hw
+
+    @property
+    def high_res_shapes(self) -> list[tuple[int, int]]:
+        """(channels, side) of each high-resolution feature map, coarse to fine; empty when disabled.
+
+        Channels match the decoder's upscaling stages (embed_dim/4 at 2x, embed_dim/8 at 4x the grid).
+        """
+        if not self.high_res_features:
+            return []
+        return [(self.embed_dim // 4, 2 * self.embed_hw), (self.embed_dim // 8, 4 * self.embed_hw)]
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -84,13 +100,16 @@ CONFIGS: dict[str, FluoroSAMConfig] = {
     # the token count of its first stages. The patch-2 stem spends the compute in the encoder (~90 ms,
     # onnxruntime, 1 thread) and the 16x16 grid keeps a prompt's decode near 2 ms, so a prompt change
     # or a held frame costs ~1/24 of a new frame. (The stride-8, patch-4 model it replaced spent 30 ms
-    # encoding and 8 ms per prompt decoding: a held frame saved only 4x.)
+    # encoding and 8 ms per prompt decoding: a held frame saved only 4x.) The coarse grid drew masks in
+    # 16-px steps that ignored edges, so the stride-8 and stride-4 stages also feed the mask upscaling
+    # (high_res_features, as SAM 2): edges from the image at a few % of the decoder's cost.
     "tiny": FluoroSAMConfig(name="tiny", image_size=256, patch_size=2, swin_embed_dim=48, swin_depths=(2, 2, 2, 2),
-                            swin_heads=(3, 6, 12, 24), window_size=8, embed_stride=16, codebook_size=512),
+                            swin_heads=(3, 6, 12, 24), window_size=8, embed_stride=16, codebook_size=512,
+                            high_res_features=True),
     # Swin-B at 448 px -> 28x28 embedding (stride 16), 112x112 masks.
     "base": FluoroSAMConfig(name="base", image_size=448, swin_embed_dim=128, swin_depths=(2, 2, 18, 2),
                             swin_heads=(4, 8, 16, 32), window_size=7, drop_path_rate=0.3, embed_stride=16,
-                            codebook_size=2048),
+                            codebook_size=2048, high_res_features=True),
     # The paper's: Swin-L at 448 px, 8192 codes; embedding 56x56 at stride 8 (see module docstring).
     "large": FluoroSAMConfig(name="large", image_size=448, swin_embed_dim=192, swin_depths=(2, 2, 18, 2),
                              swin_heads=(6, 12, 24, 48), window_size=7, drop_path_rate=0.3, embed_stride=8,

@@ -41,8 +41,12 @@ class FluoroSAM(nn.Module):
         self.oov_vocab_similarity_min = -math.inf
 
     # ----------------------------------------------------------------------------------------- image
-    def encode_image(self, images: Tensor) -> Tensor:
-        """(B, 1, S, S) normalized images -> (B, 256, h, w) embeddings."""
+    def encode_image(self, images: Tensor) -> tuple[Tensor, ...]:
+        """(B, 1, S, S) normalized images -> (embeddings (B, 256, h, w), *high-res features).
+
+        The high-res features ((B, 64, 2h, 2w), (B, 32, 4h, 4w)) exist only with
+        ``config.high_res_features``; the tuple is what :meth:`decode` takes.
+        """
         return self.image_encoder(images)
 
     # ------------------------------------------------------------------------------------------ text
@@ -95,19 +99,24 @@ class FluoroSAM(nn.Module):
         return self.encode_text_embeddings(self.sentence_embeddings(list(prompts)))
 
     # --------------------------------------------------------------------------------------- decoder
-    def decode(self, image_embeddings: Tensor, text_tokens: Tensor, point_coords: Tensor | None = None,
+    def decode(self, image_embeddings: tuple[Tensor, ...], text_tokens: Tensor, point_coords: Tensor | None = None,
                point_labels: Tensor | None = None, mask_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Decode N prompts -> mask logits (N, 3, 4h, 4w) and predicted IoU (N, 3).
 
-        ``image_embeddings`` is (N, 256, h, w) or (1, 256, h, w) shared by all prompts; ``point_coords``
+        ``image_embeddings`` is what :meth:`encode_image` returns, each tensor with batch N (one image
+        per prompt) or 1 (shared by all prompts); ``point_coords``
         (N, P, 2) in model-input pixels with ``point_labels`` (N, P) 1 positive / 0 negative / -1 padding;
         ``mask_input`` (N, 1, 4h, 4w) previous mask logits used as the dense prompt.
         """
         n = text_tokens.shape[0]
         hw = self.config.embed_hw
-        if image_embeddings.ndim != 4 or image_embeddings.shape[1:] != (self.config.embed_dim, hw, hw):
-            raise ValueError(f"image_embeddings must be (N or 1, {self.config.embed_dim}, {hw}, {hw}), "
-                             f"got {tuple(image_embeddings.shape)}")
+        expected = [(self.config.embed_dim, hw)] + self.config.high_res_shapes
+        got = [tuple(t.shape) for t in image_embeddings] if isinstance(image_embeddings, (tuple, list)) else None
+        if got is None or len(got) != len(expected) or any(
+                len(g) != 4 or g[0] not in (1, n) or g[1:] != (c, s, s) for g, (c, s) in zip(got, expected)):
+            raise ValueError(f"image_embeddings must be encode_image's tuple of (N or 1, C, s, s) tensors with "
+                             f"(C, s) = {expected}, got {got if got is not None else type(image_embeddings)}")
+        embedding, *high_res = image_embeddings
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
         if point_coords is not None and (point_coords.shape[0] != n or point_labels.shape != point_coords.shape[:2]):
@@ -120,9 +129,10 @@ class FluoroSAM(nn.Module):
         sparse = text_tokens[:, None, :]
         if points is not None:
             sparse = torch.cat([sparse, point_tokens], dim=1)
-        return self.mask_decoder(image_embeddings=image_embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
-                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                 multimask_output=True)
+        masks, iou_pred = self.mask_decoder.predict_masks(
+            image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, high_res_features=tuple(high_res))
+        return masks[:, 1:], iou_pred[:, 1:]  # SAM's multimask output (token 0 is the single-mask one)
 
     @staticmethod
     def best_mask(mask_logits: Tensor, iou_pred: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,6 +4,12 @@ The stages at and below the embedding stride are projected to 256 channels, upsa
 embedding grid and summed, so the embedding carries the deep stages' global context (telling the
 left lung from the right needs the whole chest in view), then SAM's neck (1x1 conv, LayerNorm2d,
 3x3 conv, LayerNorm2d) shapes it into the decoder's 256-channel embedding.
+
+With ``high_res_features`` the stages at 1/2 and 1/4 of the embedding stride also leave the encoder
+(LayerNorm2d then a 1x1 projection, as SAM 2's ``conv_s0``/``conv_s1``; the norm because the raw
+Swin stages run at std ~5-25, whose gradients would dominate the clipped global norm) for the
+decoder's mask upscaling. The projections start at zero, so a checkpoint without them warm-starts
+to exactly its old masks.
 """
 from __future__ import annotations
 
@@ -36,18 +42,30 @@ class SwinImageEncoder(nn.Module):
             nn.Conv2d(config.embed_dim, config.embed_dim, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(config.embed_dim),
         )
+        # Coarse to fine: the stage at embed_stride/2, then at embed_stride/4.
+        self.high_res_indices = [strides.index(config.embed_stride // f) for f in (2, 4)] \
+            if config.high_res_features else []
+        self.high_res = nn.ModuleList(
+            nn.Sequential(LayerNorm2d(channels[i]), nn.Conv2d(channels[i], out_channels, kernel_size=1))
+            for i, (out_channels, _) in zip(self.high_res_indices, config.high_res_shapes))
+        for projection in self.high_res:
+            nn.init.zeros_(projection[1].weight)
+            nn.init.zeros_(projection[1].bias)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, 1, S, S) normalized images -> (B, 256, S/stride, S/stride) embeddings."""
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        """(B, 1, S, S) normalized images -> (embedding (B, 256, S/stride, S/stride), *high-res features)."""
         size = self.config.image_size
         if images.ndim != 4 or images.shape[1] != 1 or images.shape[2:] != (size, size):
             raise ValueError(f"expected images of shape (B, 1, {size}, {size}), got {tuple(images.shape)}")
-        features = self.backbone.forward_intermediates(images, indices=self.stage_indices, intermediates_only=True)
+        indices = sorted(set(self.stage_indices) | set(self.high_res_indices))
+        features = dict(zip(indices, self.backbone.forward_intermediates(images, indices=indices,
+                                                                         intermediates_only=True)))
         hw = self.config.embed_hw
         fused = None
-        for feature, lateral in zip(features, self.laterals):
-            x = lateral(feature)
+        for index, lateral in zip(self.stage_indices, self.laterals):
+            x = lateral(features[index])
             if x.shape[-1] != hw:
                 x = F.interpolate(x, size=(hw, hw), mode="bilinear", align_corners=False)
             fused = x if fused is None else fused + x
-        return self.neck(fused)
+        high_res = tuple(projection(features[i]) for i, projection in zip(self.high_res_indices, self.high_res))
+        return (self.neck(fused), *high_res)
