@@ -41,18 +41,15 @@ EXPORT_META_FILE = "export.json"
 OPSET = 17  # LayerNormalization is a single op from 17 on, which TensorRT 10 maps to its normalization layer
 EXPORT_FORMAT_VERSION = 2  # 2: the encoder's outputs (embedding + high-res features) are listed in export.json
 ENCODER_INPUTS = ["image"]
-HIGH_RES_NAMES = ["high_res_2x", "high_res_4x"]  # relative to the embedding grid, coarse to fine
+EMBEDDING_NAMES = ["image_embedding", "high_res_2x", "high_res_4x"]  # high-res: relative to the embedding grid
 PROMPT_INPUTS = ["text_tokens", "point_coords", "point_labels", "mask_input", "has_mask_input"]
 DECODER_OUTPUTS = ["masks", "scores", "iou_predictions"]
 
 
 def embedding_shapes(config) -> dict[str, tuple[int, ...]]:
     """Name and shape of every tensor the encoder hands the decoder, in graph order."""
-    hw = config.embed_hw
-    shapes = {"image_embedding": (1, config.embed_dim, hw, hw)}
-    for name, (channels, side) in zip(HIGH_RES_NAMES, config.high_res_shapes):
-        shapes[name] = (1, channels, side, side)
-    return shapes
+    return {name: (1, channels, side, side)
+            for name, (channels, side) in zip(EMBEDDING_NAMES, config.encoder_output_shapes)}
 
 
 class ChannelLayerNorm(nn.Module):

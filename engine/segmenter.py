@@ -163,16 +163,17 @@ class Segmenter:
         candidates = [Path(explicit)] if explicit is not None else []
         candidates += [self.model_dir / "onnx", self._onnx_cache_dir()]
         for candidate in candidates:
+            chosen = explicit is not None and candidate == Path(explicit)
             try:
                 if read_export_meta(candidate).get("checkpoint_sha256") == self.checkpoint_sha256:
                     return Path(candidate)
             except FileNotFoundError:
                 continue
             except ValueError:  # an export in an older format: re-export, unless the user chose it
-                if explicit is not None and candidate == Path(explicit):
+                if chosen:
                     raise
                 continue
-            if explicit is not None and candidate == Path(explicit):
+            if chosen:
                 raise ValueError(f"{explicit} was exported from a different checkpoint than {self.model_dir}")
         if explicit is not None:
             raise FileNotFoundError(f"no export.json in {explicit}")

@@ -78,8 +78,7 @@ def test_oov_flags_follow_thresholds(mini_model):
 
 
 def _random_embeddings(config, batch: int = 1) -> tuple[torch.Tensor, ...]:
-    hw = config.embed_hw
-    return (torch.randn(batch, 256, hw, hw), *(torch.randn(batch, c, side, side) for c, side in config.high_res_shapes))
+    return tuple(torch.randn(batch, c, side, side) for c, side in config.encoder_output_shapes)
 
 
 def test_decode_shapes_and_shared_embedding_broadcast(mini_model):

@@ -75,6 +75,12 @@ class FluoroSAMConfig:
             return []
         return [(self.embed_dim // 4, 2 * self.embed_hw), (self.embed_dim // 8, 4 * self.embed_hw)]
 
+    @property
+    def encoder_output_shapes(self) -> list[tuple[int, int]]:
+        """(channels, side) of every tensor the image encoder hands the decoder: the embedding, then the
+        high-res features. One definition for the model's checks, the export and the backends."""
+        return [(self.embed_dim, self.embed_hw), *self.high_res_shapes]
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["swin_depths"] = list(self.swin_depths)

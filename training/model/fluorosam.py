@@ -110,7 +110,7 @@ class FluoroSAM(nn.Module):
         """
         n = text_tokens.shape[0]
         hw = self.config.embed_hw
-        expected = [(self.config.embed_dim, hw)] + self.config.high_res_shapes
+        expected = self.config.encoder_output_shapes
         got = [tuple(t.shape) for t in image_embeddings] if isinstance(image_embeddings, (tuple, list)) else None
         if got is None or len(got) != len(expected) or any(
                 len(g) != 4 or g[0] not in (1, n) or g[1:] != (c, s, s) for g, (c, s) in zip(got, expected)):

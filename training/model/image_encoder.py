@@ -51,15 +51,15 @@ class SwinImageEncoder(nn.Module):
         for projection in self.high_res:
             nn.init.zeros_(projection[1].weight)
             nn.init.zeros_(projection[1].bias)
+        self.feature_indices = sorted(set(self.stage_indices) | set(self.high_res_indices))
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         """(B, 1, S, S) normalized images -> (embedding (B, 256, S/stride, S/stride), *high-res features)."""
         size = self.config.image_size
         if images.ndim != 4 or images.shape[1] != 1 or images.shape[2:] != (size, size):
             raise ValueError(f"expected images of shape (B, 1, {size}, {size}), got {tuple(images.shape)}")
-        indices = sorted(set(self.stage_indices) | set(self.high_res_indices))
-        features = dict(zip(indices, self.backbone.forward_intermediates(images, indices=indices,
-                                                                         intermediates_only=True)))
+        features = dict(zip(self.feature_indices, self.backbone.forward_intermediates(
+            images, indices=self.feature_indices, intermediates_only=True)))
         hw = self.config.embed_hw
         fused = None
         for index, lateral in zip(self.stage_indices, self.laterals):
