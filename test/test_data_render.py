@@ -86,17 +86,36 @@ def test_pa_chest_is_a_mirror_of_the_source_view(example_ct, vocab):
 
 
 @pytest.mark.slow
-def test_group_masks_are_unions_of_members(example_ct, vocab):
+def test_group_masks_are_unions_of_members_minus_what_hides_them(example_ct, vocab):
     rng = np.random.default_rng(3)
     view = render_view(example_ct, sample_pose(rng, example_ct.anchors), SIZE, ClassMasker(vocab))
     anatomy = {c.label_ids[0]: i for i, c in enumerate(vocab.classes) if c.kind == "anatomy"}
-    checked = 0
+    checked = hidden = 0
     for g, cls in enumerate(vocab.classes):
         if cls.kind == "group":
             union = np.any([view.masks[anatomy[i]] for i in cls.label_ids], axis=0)
-            assert np.array_equal(view.masks[g], union), cls.name
+            hiding = [view.masks[vocab.names.index(h)] for h in cls.hidden_by]
+            expected = union & ~np.any(hiding, axis=0) if hiding else union
+            assert np.array_equal(view.masks[g], expected), cls.name
             checked += union.any()
-    assert checked >= 5
+            hidden += int((union & ~expected).any())
+    assert checked >= 5 and hidden >= 1
+
+
+def test_hidden_by_removes_only_overlapped_pixels(vocab):
+    """Synthetic ray hits: lung pixels whose ray also meets the heart or liver leave the lung field only."""
+    n_labels = 1 + max(i for c in vocab.classes if c.kind != "tool" for i in c.label_ids)
+    hits = np.zeros((n_labels, 4, 4), bool)
+    left_lower_lobe, heart, liver = (vocab.get(n).label_ids[0] for n in ("left lung lower lobe", "heart", "liver"))
+    hits[left_lower_lobe] = True
+    hits[heart, 0, :2] = True
+    hits[liver, 3, 3] = True
+    masks = ClassMasker(vocab).masks(hits, {})
+    field = masks[vocab.names.index("left lung")]
+    assert not field[0, :2].any() and not field[3, 3]
+    assert field.sum() == 16 - 3
+    assert masks[vocab.names.index("left lung lower lobe")].all()
+    assert np.array_equal(masks[vocab.names.index("lungs")], field)
 
 
 @pytest.mark.slow

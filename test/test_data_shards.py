@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from training.data.augment import domain_randomize
+from training.data.augment import anatomy_warp, domain_randomize
 from training.data.evalset import export_evalset
 from training.data.jobs import CTSpec, plan_jobs, render_dataset
 from training.data.shards import (ShardDataset, add_shard, new_manifest, read_manifest, split_by_ct, write_manifest,
@@ -89,6 +89,33 @@ def test_augmented_dataset_keeps_masks_and_is_reproducible(tmp_path):
     assert np.array_equal(first, augmented[1]["image"])
     augmented.set_epoch(1)
     assert not np.array_equal(first, augmented[1]["image"])
+
+
+def test_anatomy_warp_moves_image_and_masks_together():
+    """An image that equals its mask stays equal to it after the warp; no flip; reproducible per seed."""
+    image = np.zeros((96, 96), np.float32)
+    image[20:80, 10:40] = 1.0
+    masks = np.zeros((10, 96, 96), bool)
+    masks[0] = image > 0.5
+    masks[9, 40:60, 60:90] = True  # beyond the first packed byte: bit packing must keep every class
+    warped, warped_masks = anatomy_warp(image, masks, seed=1, epoch=0, index=3)
+    assert warped.shape == image.shape and warped_masks.shape == masks.shape and warped_masks.dtype == bool
+    assert not np.array_equal(warped_masks[0], masks[0])
+    assert ((warped > 0.5) == warped_masks[0]).mean() > 0.99
+    assert not warped_masks[1:9].any()
+    cols = np.arange(96)[None, :]
+    assert cols.repeat(96, 0)[warped_masks[0]].mean() < 48 < cols.repeat(96, 0)[warped_masks[9]].mean()
+    again = anatomy_warp(image, masks, seed=1, epoch=0, index=3)
+    assert np.array_equal(again[0], warped) and np.array_equal(again[1], warped_masks)
+    assert not np.array_equal(anatomy_warp(image, masks, seed=1, epoch=1, index=3)[1], warped_masks)
+
+
+def test_dataset_warp_probability(tmp_path):
+    _fake_folder(tmp_path, ct_ids=("a",))
+    plain = ShardDataset(tmp_path)
+    always = ShardDataset(tmp_path, augment=True, seed=5, warp_prob=1.0)
+    assert all(not np.array_equal(always[i]["masks"], plain[i]["masks"]) for i in range(3))
+    assert np.array_equal(always[1]["masks"], always[1]["masks"])
 
 
 def test_bad_manifest_is_reported(tmp_path):

@@ -87,6 +87,22 @@ def test_bad_kind_is_rejected(tmp_path):
         Vocabulary.load(path)
 
 
+@pytest.mark.parametrize("hider", ["nowhere", "t", "a"])
+def test_hidden_by_must_name_another_anatomy_or_group(tmp_path, hider):
+    path = tmp_path / "v.yaml"
+    path.write_text(f"classes:\n- {{name: a, kind: anatomy, label_ids: [1], hidden_by: [{hider}]}}\n"
+                    "- {name: t, kind: tool, label_ids: [201]}\n")
+    with pytest.raises(ValueError, match="hidden_by"):
+        Vocabulary.load(path)
+
+
+def test_lung_fields_follow_the_radiographic_convention(vocab):
+    """Radiologists outline lung fields without the heart or the organs under the diaphragm; lobes stay 3-D."""
+    for name in ("left lung", "right lung", "lungs"):
+        assert {"heart", "liver", "spleen", "stomach"} <= set(vocab.get(name).hidden_by), name
+    assert not vocab.get("left lung lower lobe").hidden_by
+
+
 def test_sha256_tracks_file_content(tmp_path):
     path = tmp_path / "v.yaml"
     path.write_text("classes:\n- {name: a, kind: anatomy, label_ids: [1]}\n")

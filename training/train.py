@@ -55,6 +55,7 @@ class TrainOptions:
     absent_per_image: int = 1
     interactive_prob: float = 0.5
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
+    warp_prob: float = 0.5  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
     contrastive_weight: float = 0.5
     focal_weight: float = 20.0  # SAM's focal:dice ratio
@@ -581,6 +582,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="focal loss foreground weight (SAM: 0.25; 0.5 keeps thresholds calibrated)")
     parser.add_argument("--crop-prob", type=float, default=d.crop_prob,
                         help="chance of cropping a render to a non-square frame before letterboxing")
+    parser.add_argument("--warp-prob", type=float, default=d.warp_prob,
+                        help="chance of an affine + elastic warp of image and masks (anatomy variation)")
     parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step)")
     parser.add_argument("--init-from", default=None,
                         help="start a NEW run from another checkpoint's weights wherever names and shapes match")
@@ -611,14 +614,14 @@ def main(args: argparse.Namespace) -> int:
     options = TrainOptions(
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
         prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob, seed=args.seed,
-        crop_prob=args.crop_prob, focal_weight=args.focal_weight, focal_alpha=args.focal_alpha,
+        crop_prob=args.crop_prob, warp_prob=args.warp_prob, focal_weight=args.focal_weight, focal_alpha=args.focal_alpha,
         init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
         log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,
         extra_meta={"command": "fluorosam train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "",
                     "data": args.data, "val": args.val,
                     **({"initialized_from": checkpoint_provenance(args.init_from)} if args.init_from else {})})
 
-    parts = [ShardDataset(root, augment=True, seed=args.seed) for root in args.data]
+    parts = [ShardDataset(root, augment=True, seed=args.seed, warp_prob=args.warp_prob) for root in args.data]
 
     def make_train_dataset(epoch: int) -> Dataset:
         """Re-read the manifests (a render may still be adding shards) and reseed the augmentation."""

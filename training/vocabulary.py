@@ -33,13 +33,19 @@ def normalize_prompt(text: str) -> str:
 
 @dataclass(frozen=True)
 class VocabClass:
-    """One promptable class. ``label_ids``: TotalSegmentator id (anatomy), member ids (group), tool id (tool)."""
+    """One promptable class. ``label_ids``: TotalSegmentator id (anatomy), member ids (group), tool id (tool).
+
+    ``hidden_by``: names of classes whose projection removes this class's pixels, for classes whose
+    radiographic meaning differs from their 3-D projection (a lung field ends where the heart or the
+    organs under the diaphragm overlap it, as radiologists draw it).
+    """
 
     name: str
     kind: str
     label_ids: tuple[int, ...]
     synonyms: tuple[str, ...]
     heldout: tuple[str, ...]
+    hidden_by: tuple[str, ...] = ()
 
 
 class Vocabulary:
@@ -56,6 +62,11 @@ class Vocabulary:
         self._by_name = {c.name: c for c in self.classes}
         if len(self._by_name) != len(self.classes):
             raise ValueError("vocabulary has duplicate class names")
+        for c in self.classes:
+            for other in c.hidden_by:
+                hider = self._by_name.get(other)
+                if hider is None or hider.kind == "tool" or hider.name == c.name:
+                    raise ValueError(f"class {c.name!r}: hidden_by {other!r} is not another anatomy or group class")
         self._lookup: dict[str, str] = {}
         for c in self.classes:
             for phrase in (c.name, *c.synonyms):
@@ -90,7 +101,7 @@ class Vocabulary:
             if not ids:
                 raise ValueError(f"{path}: class {entry['name']!r} has no label_ids")
             classes.append(VocabClass(str(entry["name"]), kind, ids, tuple(entry.get("synonyms") or ()),
-                                      tuple(entry.get("heldout") or ())))
+                                      tuple(entry.get("heldout") or ()), tuple(entry.get("hidden_by") or ())))
         return cls(classes, templates, heldout_templates, list(doc.get("oov_examples") or []),
                    hashlib.sha256(raw).hexdigest())
 

@@ -11,11 +11,15 @@ or not, windowing, CLAHE, inverted display), blur and occlusions. Each call draw
    coarse dropout, detector Gaussian noise; CLAHE from kornia (works on floats, unlike
    albumentations' 8-bit CLAHE).
 
-Only photometric changes: masks stay valid, and there is never a horizontal flip (laterality matters).
+:func:`domain_randomize` makes only photometric changes, so masks stay valid. :func:`anatomy_warp` is the
+geometric part: one CT is one body, so a random anisotropic scale, small rotation/shear and a smooth
+elastic field (albumentations) stand in for other body habitus, moving image and masks together.
+Neither ever flips horizontally (laterality matters).
 """
 from __future__ import annotations
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 
@@ -29,6 +33,14 @@ def _photometric_pipeline(seed: int) -> A.Compose:
         A.CoarseDropout(num_holes_range=(1, 6), hole_height_range=(0.03, 0.15), hole_width_range=(0.03, 0.15),
                         fill="random_uniform", p=0.3),
         A.GaussNoise(std_range=(0.005, 0.04), p=0.4),
+    ], seed=seed)
+
+
+def _warp_pipeline(seed: int) -> A.Compose:
+    return A.Compose([
+        A.Affine(scale={"x": (0.85, 1.15), "y": (0.85, 1.15)}, rotate=(-7, 7), shear=(-5, 5),
+                 translate_percent=(-0.04, 0.04), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1.0),
+        A.ElasticTransform(alpha=30, sigma=12, approximate=True, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
     ], seed=seed)
 
 
@@ -66,3 +78,18 @@ def torch_clahe(image01: np.ndarray, clip_limit: float) -> np.ndarray:
 
     t = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32))[None, None]
     return kornia.enhance.equalize_clahe(t, clip_limit=clip_limit, grid_size=(8, 8))[0, 0].numpy()
+
+
+def anatomy_warp(image: np.ndarray, masks: np.ndarray, seed: int, epoch: int = 0,
+                 index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The same random affine + elastic warp applied to an image (H, W) and its masks (C, H, W) bool."""
+    if image.ndim != 2 or masks.ndim != 3 or masks.shape[1:] != image.shape:
+        raise ValueError(f"expected image (H, W) and masks (C, H, W), got {image.shape} and {masks.shape}")
+    # Masks are warped with nearest-neighbour sampling, so 8 classes packed as the bits of one byte move
+    # exactly as 8 separate masks would: 122 classes cost 16 channels instead of 122.
+    packed = np.packbits(masks, axis=0)
+    out = _warp_pipeline(_seed(seed, epoch, index, 0x57A9))(image=image.astype(np.float32),
+                                                           mask=np.moveaxis(packed, 0, -1))
+    warped = np.unpackbits(np.moveaxis(out["mask"], -1, 0).reshape(len(packed), *image.shape), axis=0,
+                           count=len(masks))
+    return out["image"], warped.astype(bool)

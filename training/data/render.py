@@ -21,11 +21,16 @@ class RenderedView:
 
 
 class ClassMasker:
-    """Turns per-label ray hits into vocabulary-ordered masks: anatomy = its label, group = union, tool = own."""
+    """Turns per-label ray hits into vocabulary-ordered masks: anatomy = its label, group = union, tool = own.
+
+    A class with ``hidden_by`` loses every pixel whose ray also meets one of those classes.
+    """
 
     def __init__(self, vocabulary: Vocabulary):
         self.vocabulary = vocabulary
         self.names = vocabulary.names
+        self._hiding_ids = {c.name: sorted({i for h in c.hidden_by for i in vocabulary.get(h).label_ids})
+                            for c in vocabulary.classes}
 
     def masks(self, hits: np.ndarray, tool_masks: dict[str, np.ndarray]) -> np.ndarray:
         n_labels = hits.shape[0]
@@ -38,6 +43,9 @@ class ClassMasker:
                 ids = [i for i in cls.label_ids if 0 < i < n_labels]
                 if ids:
                     out[c] = hits[ids].any(0)
+                hiding = [i for i in self._hiding_ids[cls.name] if 0 < i < n_labels]
+                if hiding:
+                    out[c] &= ~hits[hiding].any(0)
         return out
 
 

@@ -103,14 +103,17 @@ class ShardDataset(torch.utils.data.Dataset):
 
     ``augment=True`` applies :func:`training.data.augment.domain_randomize` seeded by (seed, epoch, item's
     render seed),
-    so an epoch is reproducible; call :meth:`set_epoch` each epoch. :meth:`refresh` picks up shards that
+    so an epoch is reproducible; call :meth:`set_epoch` each epoch. ``warp_prob``: chance of also applying
+    :func:`training.data.augment.anatomy_warp` (same seeding) to image and masks together. :meth:`refresh` picks up shards that
     a running render has finished since. Decompressed shards are kept in a small LRU cache.
     """
 
-    def __init__(self, root, ct_ids=None, augment: bool = False, seed: int = 0, cache_shards: int = 8):
+    def __init__(self, root, ct_ids=None, augment: bool = False, seed: int = 0, cache_shards: int = 8,
+                 warp_prob: float = 0.0):
         self.root = Path(root)
         self.ct_ids = None if ct_ids is None else set(ct_ids)
         self.augment = augment
+        self.warp_prob = warp_prob
         self.seed = seed
         self.epoch = 0
         self.cache_shards = cache_shards
@@ -150,8 +153,11 @@ class ShardDataset(torch.utils.data.Dataset):
         image = shard["images"][k].astype(np.float32)
         masks = np.unpackbits(shard["masks"][k], axis=-1, count=size * size).reshape(-1, size, size).astype(bool)
         if self.augment:
-            from .augment import domain_randomize
+            from .augment import anatomy_warp, domain_randomize
 
-            image = domain_randomize(image, self.seed, self.epoch, int(item.get("seed", i)))
+            view_seed = int(item.get("seed", i))
+            image = domain_randomize(image, self.seed, self.epoch, view_seed)
+            if self.warp_prob and np.random.default_rng([self.seed, self.epoch, view_seed]).random() < self.warp_prob:
+                image, masks = anatomy_warp(image, masks, self.seed, self.epoch, view_seed)
         return {"image": image, "masks": masks, "present": shard["present"][k].copy(), "ct_id": item["ct_id"],
                 "index": i}
