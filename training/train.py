@@ -55,7 +55,7 @@ class TrainOptions:
     absent_per_image: int = 1
     interactive_prob: float = 0.5
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
-    warp_prob: float = 0.5  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
+    warp_prob: float = 0.0  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
     contrastive_weight: float = 0.5
     focal_weight: float = 20.0  # SAM's focal:dice ratio
