@@ -614,7 +614,8 @@ def main(args: argparse.Namespace) -> int:
     options = TrainOptions(
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
         prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob, seed=args.seed,
-        crop_prob=args.crop_prob, warp_prob=args.warp_prob, focal_weight=args.focal_weight, focal_alpha=args.focal_alpha,
+        crop_prob=args.crop_prob, warp_prob=args.warp_prob, focal_weight=args.focal_weight,
+        focal_alpha=args.focal_alpha,
         init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
         log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,
         extra_meta={"command": "fluorosam train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "",

@@ -36,8 +36,8 @@ class VocabClass:
     """One promptable class. ``label_ids``: TotalSegmentator id (anatomy), member ids (group), tool id (tool).
 
     ``hidden_by``: names of classes whose projection removes this class's pixels, for classes whose
-    radiographic meaning differs from their 3-D projection (a lung field ends where the heart or the
-    organs under the diaphragm overlap it, as radiologists draw it).
+    radiographic meaning differs from their 3-D projection (e.g. a lung field that ends at the diaphragm
+    dome, where the organs under it start to overlap the lung).
     """
 
     name: str

@@ -40,7 +40,8 @@ def _warp_pipeline(seed: int) -> A.Compose:
     return A.Compose([
         A.Affine(scale={"x": (0.85, 1.15), "y": (0.85, 1.15)}, rotate=(-7, 7), shear=(-5, 5),
                  translate_percent=(-0.04, 0.04), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1.0),
-        A.ElasticTransform(alpha=30, sigma=12, approximate=True, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+        A.ElasticTransform(alpha=30, sigma=12, approximate=True, border_mode=cv2.BORDER_CONSTANT, fill=0,
+                           fill_mask=0, p=0.5),
     ], seed=seed)
 
 

@@ -20,6 +20,11 @@ class RenderedView:
     tools: list[str]
 
 
+def _in_volume(label_ids, n_labels: int) -> list[int]:
+    """The label ids that this CT's label volume can contain (0 is background)."""
+    return [i for i in label_ids if 0 < i < n_labels]
+
+
 class ClassMasker:
     """Turns per-label ray hits into vocabulary-ordered masks: anatomy = its label, group = union, tool = own.
 
@@ -40,10 +45,10 @@ class ClassMasker:
                 if cls.name in tool_masks:
                     out[c] = tool_masks[cls.name]
             else:
-                ids = [i for i in cls.label_ids if 0 < i < n_labels]
+                ids = _in_volume(cls.label_ids, n_labels)
                 if ids:
                     out[c] = hits[ids].any(0)
-                hiding = [i for i in self._hiding_ids[cls.name] if 0 < i < n_labels]
+                hiding = _in_volume(self._hiding_ids[cls.name], n_labels)
                 if hiding:
                     out[c] &= ~hits[hiding].any(0)
         return out
