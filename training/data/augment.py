@@ -12,8 +12,10 @@ or not, windowing, CLAHE, inverted display), blur and occlusions. Each call draw
    albumentations' 8-bit CLAHE).
 
 :func:`domain_randomize` makes only photometric changes, so masks stay valid. :func:`anatomy_warp` is the
-geometric part: one CT is one body, so a random anisotropic scale, small rotation/shear and a smooth
-elastic field (albumentations) stand in for other body habitus, moving image and masks together.
+geometric part: one CT is one body, so a random anisotropic scale (vertically up to 1.25x, because the
+bundled CT is a supine shallow-inspiration scan and chest films are taken in deep inspiration), small
+rotation/shear and a smooth elastic field (albumentations) stand in for other body habitus, moving image and
+masks together.
 Neither ever flips horizontally (laterality matters).
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _photometric_pipeline(seed: int) -> A.Compose:
 
 def _warp_pipeline(seed: int) -> A.Compose:
     return A.Compose([
-        A.Affine(scale={"x": (0.85, 1.15), "y": (0.85, 1.15)}, rotate=(-7, 7), shear=(-5, 5),
+        A.Affine(scale={"x": (0.85, 1.15), "y": (0.9, 1.25)}, rotate=(-7, 7), shear=(-5, 5),
                  translate_percent=(-0.04, 0.04), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1.0),
         A.ElasticTransform(alpha=30, sigma=12, approximate=True, border_mode=cv2.BORDER_CONSTANT, fill=0,
                            fill_mask=0, p=0.5),
