@@ -104,7 +104,8 @@ class ShardDataset(torch.utils.data.Dataset):
     ``augment=True`` applies :func:`training.data.augment.domain_randomize` seeded by (seed, epoch, item's
     render seed), so an epoch is reproducible; call :meth:`set_epoch` each epoch. ``warp_prob``: chance of
     also applying :func:`training.data.augment.anatomy_warp` (same seeding) to image and masks together.
-    :meth:`refresh` picks up shards that a running render has finished since. Decompressed shards are kept in a small LRU cache.
+    :meth:`refresh` picks up shards that a running render has finished since. Decompressed shards are kept in
+    a small LRU cache.
     """
 
     def __init__(self, root, ct_ids=None, augment: bool = False, seed: int = 0, cache_shards: int = 8,
