@@ -92,6 +92,32 @@ def test_short_training_lowers_loss_and_resumes(tmp_path):
     assert [r["step"] for r in rows if "loss" in r][-2:] == [40, 45]
 
 
+@pytest.mark.slow
+def test_bfloat16_autocast_on_cpu_trains_and_keeps_float32_weights_and_codes(tmp_path):
+    vocabulary = Vocabulary.load()
+    model, _ = run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path, _options(steps=40, amp=True))
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast casts activations only
+    loaded, meta = load_checkpoint(tmp_path)
+    assert meta["training"]["options"]["amp"] is True
+    assert all(v.dtype != torch.bfloat16 for v in loaded.state_dict().values())
+    # Under autocast the image side runs in bfloat16 but the text side (nearest-code search) in float32.
+    from training.train import TrainingStep, prepare_batch
+
+    batch = prepare_batch([EllipseChests()[0]], MINI.image_size)
+    step = TrainingStep(loaded.train(), _options(), torch.Generator().manual_seed(0))
+    embeddings = loaded.sentence_embeddings(CLASSES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = loaded.decode(loaded.encode_image(batch["images"]), loaded.encode_text(CLASSES[:1]).tokens)
+        assert logits.dtype == torch.bfloat16
+        out = step(batch["images"], batch["masks"], torch.zeros(4, dtype=torch.long), torch.arange(4), embeddings,
+                   embeddings, torch.arange(4), 1)
+    assert out["_vectors"].dtype == torch.float32 and out["loss"].dtype == torch.float32
+    assert torch.isfinite(out["loss"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -45,12 +45,13 @@ def multimask_loss(mask_logits: Tensor, iou_pred: Tensor, targets: Tensor, focal
     best masks' IoU. Soft targets let the loss run at the decoder's low resolution without losing
     structures thinner than a low-resolution pixel.
     """
+    mask_logits, iou_pred = mask_logits.float(), iou_pred.float()  # losses in float32 under autocast
     t = targets[:, None].float().expand_as(mask_logits)
     per_mask = focal_weight * sigmoid_focal_loss(mask_logits, t, alpha=focal_alpha) + dice_loss(mask_logits, t)
     best_loss, best = per_mask.min(dim=1)
     with torch.no_grad():
         true_iou = mask_iou(mask_logits > 0, t >= 0.5)
-    iou_loss = F.mse_loss(iou_pred.float(), true_iou)
+    iou_loss = F.mse_loss(iou_pred, true_iou)
     rows = torch.arange(mask_logits.shape[0], device=mask_logits.device)
     return {"mask": best_loss.mean(), "iou_head": iou_loss, "best_iou": true_iou[rows, best].mean().detach(),
             "best_index": best.detach()}
