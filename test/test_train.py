@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from training.model import get_config, load_checkpoint
-from training.train import TrainOptions, run_training, sample_error_points, sample_prompts
+from training.train import TrainOptions, run_training, sample_error_points, sample_prompts, with_deepest_clicks
 from training.vocabulary import Vocabulary
 
 MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
@@ -72,11 +72,27 @@ def test_sample_prompts_and_error_points():
     assert labels.tolist() == [[0] * 5]  # false positives -> negative clicks outside the target
 
 
+def test_deepest_clicks_follow_evaluation_rule_only_where_chosen():
+    target = torch.zeros(2, 16, 16, dtype=torch.bool)
+    target[:, 2:5, 2:5] = True  # a small miss ...
+    pred = torch.zeros_like(target)
+    pred[:, 8:15, 8:15] = True  # ... and a larger false-positive blob: the click goes to its centre, negative
+    coords = torch.zeros(2, 1, 2)
+    labels = torch.ones(2, 1, dtype=torch.long)
+    new_coords, new_labels = with_deepest_clicks(pred, target, coords, labels, torch.tensor([True, False]))
+    assert new_coords[0, 0].tolist() == [11.0, 11.0] and new_labels[0, 0] == 0
+    assert new_coords[1, 0].tolist() == [0.0, 0.0] and new_labels[1, 0] == 1  # not chosen: unchanged
+    assert coords[0, 0].tolist() == [0.0, 0.0]  # inputs are not modified in place
+    perfect, _ = with_deepest_clicks(target, target, coords, labels, torch.tensor([True, True]))
+    assert torch.equal(perfect, coords)  # nothing to fix: the uniform fallback click stays
+
+
 @pytest.mark.slow
 def test_short_training_lowers_loss_and_resumes(tmp_path):
     vocabulary = Vocabulary.load()
     _, last = run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path,
-                           _options(steps=40, val_every=20, val_items=2), val_dataset=EllipseChests(n=2, seed=1))
+                           _options(steps=40, val_every=20, val_items=2, deepest_click_prob=0.5),
+                           val_dataset=EllipseChests(n=2, seed=1))
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.7 * losses[0], losses

@@ -3,8 +3,8 @@
 The image encoder is the cost, so every image is decoded with several prompts: up to
 ``--prompts-per-image`` present classes (each with a random training phrase of its class) plus one
 absent class whose target is empty. With probability ``--interactive-prob`` 1-3 SAM-style rounds
-follow, each adding one click sampled from the error region of the previous prediction, with that
-prediction as the dense prompt. The text projection also sees a batch of phrases from the whole
+follow, each adding one click sampled from the error region of the previous prediction (or, with
+``--deepest-click-prob``, placed where evaluation clicks), with that prediction as the dense prompt. The text projection also sees a batch of phrases from the whole
 vocabulary every step (cheap), for the VQ and a supervised contrastive loss that keeps "left lung" and "right lung" apart.
 
 Multi-process: ``torchrun --nproc-per-node N -m training.train ...`` (gloo on CPU, nccl on GPU);
@@ -34,6 +34,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from engine.preprocess import letterbox, normalize, window
+from training.evaluate import next_click
 from training.losses import mask_iou, multimask_loss, supervised_contrastive_loss
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
 from training.model.config import FluoroSAMConfig
@@ -55,6 +56,9 @@ class TrainOptions:
     prompts_per_image: int = 4
     absent_per_image: int = 1
     interactive_prob: float = 0.5
+    # Chance that a training click follows evaluation's rule (interior-most pixel of the larger error
+    # region) instead of a uniform draw from the error region; 0 is SAM's training recipe.
+    deepest_click_prob: float = 0.0
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     warp_prob: float = 0.0  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
@@ -225,6 +229,24 @@ def sample_error_points(pred: Tensor, target: Tensor, n_points: int,
     return coords, labels
 
 
+def with_deepest_clicks(pred: Tensor, target: Tensor, coords: Tensor, labels: Tensor,
+                        chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """Replace the single click of each ``chosen`` prompt by evaluation's click (``next_click``).
+
+    Uniform error clicks mostly land near boundaries; evaluation and users click deep inside the
+    largest mistake, often a negative click in a false-positive blob. Training on both covers both.
+    pred/target bool (N, H, W), coords (N, 1, 2) (x, y), labels (N, 1), chosen bool (N,).
+    """
+    coords, labels = coords.clone(), labels.clone()
+    pred_np, target_np = pred.cpu().numpy(), target.cpu().numpy()
+    for k in torch.nonzero(chosen.cpu()).flatten().tolist():
+        click = next_click(pred_np[k], target_np[k])
+        if click is not None:
+            coords[k, 0] = torch.tensor(click[:2], dtype=coords.dtype, device=coords.device)
+            labels[k, 0] = click[2]
+    return coords, labels
+
+
 # ------------------------------------------------------------------------------------------ model
 class TrainingStep(nn.Module):
     """The whole forward of one training step in a single ``forward`` so DDP can wrap it."""
@@ -265,7 +287,11 @@ class TrainingStep(nn.Module):
             coords = torch.zeros(n_prompts, 0, 2, device=logits.device)
             labels = torch.zeros(n_prompts, 0, dtype=torch.long, device=logits.device)
             for _ in range(interactive_points):
-                click, label = sample_error_points(prev_low[:, 0] > 0, targets >= 0.5, 1, generator)
+                pred_low, target_low = prev_low[:, 0] > 0, targets >= 0.5
+                click, label = sample_error_points(pred_low, target_low, 1, generator)
+                if options.deepest_click_prob:
+                    chosen = torch.rand(n_prompts, generator=generator) < options.deepest_click_prob
+                    click, label = with_deepest_clicks(pred_low, target_low, click, label, chosen)
                 coords = torch.cat([coords, click * factor + (factor - 1) / 2], 1)  # low-res px -> input px
                 labels = torch.cat([labels, label], 1)
                 logits_k, iou_k = model.decode(embeddings, tokens, coords, labels, prev_low)
@@ -592,6 +618,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=d.warmup_steps)
     parser.add_argument("--prompts-per-image", type=int, default=d.prompts_per_image)
     parser.add_argument("--interactive-prob", type=float, default=d.interactive_prob)
+    parser.add_argument("--deepest-click-prob", type=float, default=d.deepest_click_prob,
+                        help="chance a training click goes where evaluation clicks (deepest point of the "
+                             "larger error region) instead of a uniform draw from the error region")
     parser.add_argument("--focal-weight", type=float, default=d.focal_weight)
     parser.add_argument("--focal-alpha", type=float, default=d.focal_alpha,
                         help="focal loss foreground weight (SAM: 0.25; 0.5 keeps thresholds calibrated)")
@@ -630,7 +659,8 @@ def main(args: argparse.Namespace) -> int:
             return 2
     options = TrainOptions(
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
-        prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob, seed=args.seed,
+        prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob,
+        deepest_click_prob=args.deepest_click_prob, seed=args.seed,
         crop_prob=args.crop_prob, warp_prob=args.warp_prob, focal_weight=args.focal_weight,
         focal_alpha=args.focal_alpha,
         init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
