@@ -204,3 +204,12 @@ def test_warm_start_copies_matching_tensors_only(tmp_path):
     save_file({"unrelated.weight": torch.zeros(3)}, str(tmp_path / "other" / "model.safetensors"))
     with pytest.raises(ValueError, match="no tensor matches"):
         warm_start(target, tmp_path / "other")
+
+
+def test_default_workers_skip_loader_processes_on_two_cores():
+    from training.train import default_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_workers(cpu, cpus=2) == 0 and default_workers(cpu, cpus=1) == 0
+    assert default_workers(cpu, cpus=16) == 1
+    assert default_workers(cuda, cpus=2) == 1 and default_workers(cuda, cpus=16) == 8

@@ -73,7 +73,7 @@ class TrainOptions:
     init_from: str | None = None  # checkpoint whose matching tensors initialize a new run
     device: str = "cpu"
     amp: bool = False
-    num_workers: int = 1
+    num_workers: int | None = None  # data loader processes; None: :func:`default_workers`
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     log_every: int = 10
     save_every: int = 250
@@ -309,11 +309,24 @@ def amp_dtype_for(device: torch.device) -> torch.dtype:
     """Mixed-precision type: float16 on CUDA (tensor cores, with gradient scaling), bfloat16 on CPU.
 
     On CPUs with AMX / AVX512-BF16 (Sapphire Rapids and later) bfloat16 autocast makes a training
-    step's compute 1.44-1.74x faster than float32 (measured on this project's 2-core Xeon; end to end
-    there the data loader bounds the rate). CPUs without native bfloat16 emulate it and may be slower
-    (not measured here), so ``--amp`` stays opt-in.
+    step's compute 1.44-1.74x faster than float32 (measured on this project's 2-core Xeon, where a loader
+    worker process costs more than it saves: see :func:`default_workers`). CPUs without native bfloat16
+    emulate it and may be slower (not measured here), so ``--amp`` stays opt-in.
     """
     return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def default_workers(device: torch.device, cpus: int | None = None) -> int:
+    """Loader processes when none are asked for: on a GPU, most cores feed it; on a CPU, 0 up to 2 cores.
+
+    The loader costs ~0.36 s per step of 4 images in process on this project's 2-core machine (16 % of a
+    bfloat16 step); one worker process beside torch's 2 threads oversubscribes the cores and slows the
+    step by more than that (1.57 vs 1.75 images/s, measured in one run), so 2 cores train without workers.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(8, max(1, cpus - 1))
+    return 0 if cpus <= 2 else 1
 
 
 def lr_at(step: int, options: TrainOptions) -> float:
@@ -487,6 +500,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=options.lr)
     amp_dtype = amp_dtype_for(device) if options.amp else None
+    workers = default_workers(device) if options.num_workers is None else options.num_workers
     # Gradient scaling only for float16: bfloat16 has float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if resume and (Path(resume) / TRAIN_STATE_FILE).exists():
@@ -514,7 +528,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
         if sampler is not None:
             sampler.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=options.batch, shuffle=sampler is None, sampler=sampler,
-                            num_workers=options.num_workers, collate_fn=_Collate(model_config.image_size, options.crop_prob,
+                            num_workers=workers, collate_fn=_Collate(model_config.image_size, options.crop_prob,
                                                                 options.seed + 7919 * epoch),
                             drop_last=True, persistent_workers=False,
                             generator=torch.Generator().manual_seed(options.seed + epoch))
@@ -636,7 +650,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mixed precision: float16 + grad scaling on CUDA, bfloat16 on CPU "
                              "(faster only on CPUs with AMX/AVX512-BF16)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    parser.add_argument("--workers", type=int, default=d.num_workers, help="data loader worker processes")
+    parser.add_argument("--workers", type=int, default=d.num_workers,
+                        help="data loader worker processes (default: 0 on a CPU with <= 2 cores, 1 on larger "
+                             "CPUs, cores - 1 up to 8 on a GPU)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--save-every", type=int, default=d.save_every)
