@@ -213,3 +213,5 @@ def test_default_workers_skip_loader_processes_on_two_cores():
     assert default_workers(cpu, cpus=2) == 0 and default_workers(cpu, cpus=1) == 0
     assert default_workers(cpu, cpus=16) == 1
     assert default_workers(cuda, cpus=2) == 1 and default_workers(cuda, cpus=16) == 8
+    assert default_workers(cuda, cpus=16, processes=8) == 1  # torchrun: 8 ranks share the node's cores
+    assert default_workers(cpu, cpus=16, processes=8) == 0

@@ -4,8 +4,9 @@ The image encoder is the cost, so every image is decoded with several prompts: u
 ``--prompts-per-image`` present classes (each with a random training phrase of its class) plus one
 absent class whose target is empty. With probability ``--interactive-prob`` 1-3 SAM-style rounds
 follow, each adding one click sampled from the error region of the previous prediction (or, with
-``--deepest-click-prob``, placed where evaluation clicks), with that prediction as the dense prompt. The text projection also sees a batch of phrases from the whole
-vocabulary every step (cheap), for the VQ and a supervised contrastive loss that keeps "left lung" and "right lung" apart.
+``--deepest-click-prob``, placed where evaluation clicks), with that prediction as the dense prompt.
+The text projection also sees a batch of phrases from the whole vocabulary every step (cheap), for
+the VQ and a supervised contrastive loss that keeps "left lung" and "right lung" apart.
 
 Multi-process: ``torchrun --nproc-per-node N -m training.train ...`` (gloo on CPU, nccl on GPU);
 rank 0 logs and checkpoints. ``--amp``: float16 on CUDA, bfloat16 on CPU (see :func:`amp_dtype_for`).
@@ -316,14 +317,15 @@ def amp_dtype_for(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def default_workers(device: torch.device, cpus: int | None = None) -> int:
-    """Loader processes when none are asked for: on a GPU, most cores feed it; on a CPU, 0 up to 2 cores.
+def default_workers(device: torch.device, cpus: int | None = None, processes: int = 1) -> int:
+    """Loader processes per training process when none are asked for: on a GPU, most of this process's
+    share of the cores (``processes`` training processes on the node) feed it; on a CPU, 0 up to 2 cores.
 
     The loader costs ~0.36 s per step of 4 images in process on this project's 2-core machine (16 % of a
     bfloat16 step); one worker process beside torch's 2 threads oversubscribes the cores and slows the
     step by more than that (1.57 vs 1.75 images/s, measured in one run), so 2 cores train without workers.
     """
-    cpus = cpus or os.cpu_count() or 1
+    cpus = max(1, (cpus or os.cpu_count() or 1) // max(1, processes))
     if device.type == "cuda":
         return min(8, max(1, cpus - 1))
     return 0 if cpus <= 2 else 1
@@ -500,7 +502,8 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=options.lr)
     amp_dtype = amp_dtype_for(device) if options.amp else None
-    workers = default_workers(device) if options.num_workers is None else options.num_workers
+    workers = (default_workers(device, processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+               if options.num_workers is None else options.num_workers)
     # Gradient scaling only for float16: bfloat16 has float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if resume and (Path(resume) / TRAIN_STATE_FILE).exists():
