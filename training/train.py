@@ -84,10 +84,12 @@ class TrainOptions:
 
 
 # ------------------------------------------------------------------------------------- distributed
-def _dist_info() -> tuple[int, int, int]:
+def _dist_info() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, processes on this node); without torchrun's variables, one node."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return 0, 1, 0
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return rank, world, int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return 0, 1, 0, 1
 
 
 def init_distributed(device: str) -> bool:
@@ -454,7 +456,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
 
     Returns this replica's trained model and the last logged metrics (rank 0). Rank 0 writes checkpoints, ``metrics.jsonl`` and ``training_curve.png``.
     """
-    rank, world, local_rank = _dist_info()
+    rank, world, local_rank, local_world = _dist_info()
     device = torch.device(options.device if not options.device.startswith("cuda") or world == 1
                           else f"cuda:{local_rank}")
     if options.threads and device.type == "cpu":
@@ -502,8 +504,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=options.lr)
     amp_dtype = amp_dtype_for(device) if options.amp else None
-    workers = (default_workers(device, processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-               if options.num_workers is None else options.num_workers)
+    workers = default_workers(device, processes=local_world) if options.num_workers is None else options.num_workers
     # Gradient scaling only for float16: bfloat16 has float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if resume and (Path(resume) / TRAIN_STATE_FILE).exists():
@@ -654,8 +655,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(faster only on CPUs with AMX/AVX512-BF16)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--workers", type=int, default=d.num_workers,
-                        help="data loader worker processes (default: 0 on a CPU with <= 2 cores, 1 on larger "
-                             "CPUs, cores - 1 up to 8 on a GPU)")
+                        help="data loader worker processes per training process (default: 0 on a CPU with "
+                             "<= 2 cores, 1 on larger CPUs, cores - 1 up to 8 on a GPU; cores shared among ranks)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--save-every", type=int, default=d.save_every)
