@@ -10,8 +10,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
-from training.model import get_config, load_checkpoint
-from training.train import TrainOptions, run_training, sample_error_points, sample_prompts, with_deepest_clicks
+from training.losses import multimask_loss
+from training.model import FluoroSAM, get_config, load_checkpoint
+from training.train import (TrainingStep, TrainOptions, run_training, sample_error_points, sample_prompts,
+                            with_deepest_clicks)
 from training.vocabulary import Vocabulary
 
 MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
@@ -85,6 +87,43 @@ def test_deepest_clicks_follow_evaluation_rule_only_where_chosen():
     assert coords[0, 0].tolist() == [0.0, 0.0]  # inputs are not modified in place
     perfect, _ = with_deepest_clicks(target, target, coords, labels, torch.tensor([True, True]))
     assert torch.equal(perfect, coords)  # nothing to fix: the uniform fallback click stays
+
+
+@pytest.mark.parametrize("feedback", ["best", "predicted"])
+def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback):
+    """2 click rounds + 1 mask-only round: 3 decodes after text, one keeping the click count, each fed
+    the previous round's mask chosen as ``feedback`` says."""
+    torch.manual_seed(0)
+    model = FluoroSAM(MINI)
+    step = TrainingStep(model, _options(mask_only_rounds=1, feedback=feedback), torch.Generator().manual_seed(0))
+    calls = []
+    decode = model.decode
+
+    def recording_decode(embeddings, tokens, coords=None, labels=None, mask_input=None):
+        logits, iou = decode(embeddings, tokens, coords, labels, mask_input)
+        calls.append((0 if coords is None else coords.shape[1], mask_input, logits.detach(), iou.detach()))
+        return logits, iou
+
+    model.decode = recording_decode
+    item = EllipseChests(n=1)[0]
+    images = torch.from_numpy(item["image"])[None, None]
+    masks = torch.from_numpy(item["masks"])[None]
+    bank = torch.randn(2, model.config.text_dim)
+    step(images, masks, torch.tensor([0, 0]), torch.tensor([0, 2]), bank, torch.randn(8, model.config.text_dim),
+         torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), interactive_points=2)
+    counts = [c[0] for c in calls]
+    assert counts[0] == 0 and calls[0][1] is None and len(calls) == 4
+    assert sorted(counts[1:]) in ([0, 1, 2], [1, 1, 2], [1, 2, 2])  # one round adds no click
+    assert counts[-1] == 2 and all(b - a in (0, 1) for a, b in zip(counts, counts[1:]))
+    factor = MINI.image_size // MINI.mask_hw
+    targets = torch.nn.functional.avg_pool2d(masks[[0, 0], [0, 2]][:, None].float(), factor)[:, 0]
+    for (_, _, logits, iou), (_, fed, _, _) in zip(calls, calls[1:]):
+        if feedback == "predicted":
+            expected = FluoroSAM.best_mask(logits, iou)[0]
+        else:
+            best_index = multimask_loss(logits, iou, targets, 20.0, 0.5)["best_index"]
+            expected = logits[torch.arange(2), best_index]
+        assert torch.equal(fed[:, 0], expected)
 
 
 @pytest.mark.slow

@@ -60,6 +60,12 @@ class TrainOptions:
     # Chance that a training click follows evaluation's rule (interior-most pixel of the larger error
     # region) instead of a uniform draw from the error region; 0 is SAM's training recipe.
     deepest_click_prob: float = 0.0
+    # Extra interactive rounds that add no click, only the previous mask (SAM adds 2), shuffled among
+    # the click rounds: teaches the decoder to improve, not degrade, a mask it is given back.
+    mask_only_rounds: int = 0
+    # Which of the 3 masks is fed back as the dense prompt: "best" (lowest loss against the target,
+    # an oracle) or "predicted" (highest predicted IoU: what evaluation and the node feed back).
+    feedback: str = "best"
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     warp_prob: float = 0.0  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
@@ -283,29 +289,39 @@ class TrainingStep(nn.Module):
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
                "iou_text": first["best_iou"]}
         if interactive_points:
-            # SAM-style rounds: each adds ONE click drawn from the current error region, with the
-            # previous best mask as the dense prompt, so training sees what evaluation and users do.
-            rows = torch.arange(n_prompts, device=logits.device)
-            prev_low = logits[rows, first["best_index"]].detach()[:, None]
+            # SAM-style rounds: each adds ONE click drawn from the current error region (or none, for a
+            # mask-only round), with the previous mask as the dense prompt, as evaluation and users do.
+            prev_low = self._feedback(logits, iou_pred, first["best_index"])
             coords = torch.zeros(n_prompts, 0, 2, device=logits.device)
             labels = torch.zeros(n_prompts, 0, dtype=torch.long, device=logits.device)
-            for _ in range(interactive_points):
-                pred_low, target_low = prev_low[:, 0] > 0, targets >= 0.5
-                click, label = sample_error_points(pred_low, target_low, 1, generator)
-                if options.deepest_click_prob:
-                    chosen = torch.rand(n_prompts, generator=generator) < options.deepest_click_prob
-                    click, label = with_deepest_clicks(pred_low, target_low, click, label, chosen)
-                coords = torch.cat([coords, click * factor + (factor - 1) / 2], 1)  # low-res px -> input px
-                labels = torch.cat([labels, label], 1)
+            rounds = [True] * interactive_points + [False] * options.mask_only_rounds
+            rounds = [rounds[i] for i in torch.randperm(len(rounds), generator=generator).tolist()]
+            for adds_click in rounds:
+                if adds_click:
+                    pred_low, target_low = prev_low[:, 0] > 0, targets >= 0.5
+                    click, label = sample_error_points(pred_low, target_low, 1, generator)
+                    if options.deepest_click_prob:
+                        chosen = torch.rand(n_prompts, generator=generator) < options.deepest_click_prob
+                        click, label = with_deepest_clicks(pred_low, target_low, click, label, chosen)
+                    coords = torch.cat([coords, click * factor + (factor - 1) / 2], 1)  # low-res px -> input px
+                    labels = torch.cat([labels, label], 1)
                 logits_k, iou_k = model.decode(embeddings, tokens, coords, labels, prev_low)
                 round_loss = multimask_loss(logits_k, iou_k, targets, options.focal_weight, options.focal_alpha)
-                loss = loss + (round_loss["mask"] + round_loss["iou_head"]) / interactive_points
-                prev_low = logits_k[rows, round_loss["best_index"]].detach()[:, None]
+                loss = loss + (round_loss["mask"] + round_loss["iou_head"]) / len(rounds)
+                prev_low = self._feedback(logits_k, iou_k, round_loss["best_index"])
             out["iou_points"] = round_loss["best_iou"]
         loss = loss + options.vq_weight * vq_loss + options.contrastive_weight * contrastive
         out.update(loss=loss, vq=vq_loss.detach(), contrastive=contrastive.detach())
         out["_vectors"] = vectors.detach()
         return out
+
+    def _feedback(self, logits: Tensor, iou_pred: Tensor, best_index: Tensor) -> Tensor:
+        """The (N, 1, h, w) mask logits the next round gets as its dense prompt (no gradient through it)."""
+        if self.options.feedback == "predicted":
+            chosen, _ = self.model.best_mask(logits, iou_pred)
+        else:
+            chosen = logits[torch.arange(logits.shape[0], device=logits.device), best_index]
+        return chosen.detach()[:, None]
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype:
@@ -639,6 +655,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deepest-click-prob", type=float, default=d.deepest_click_prob,
                         help="chance a training click goes where evaluation clicks (deepest point of the "
                              "larger error region) instead of a uniform draw from the error region")
+    parser.add_argument("--mask-only-rounds", type=int, default=d.mask_only_rounds,
+                        help="extra interactive rounds with no new click, only the previous mask (SAM: 2)")
+    parser.add_argument("--feedback", choices=("best", "predicted"), default=d.feedback,
+                        help="mask fed back between rounds: lowest-loss (oracle) or highest predicted IoU "
+                             "(what evaluation and the node feed back)")
     parser.add_argument("--focal-weight", type=float, default=d.focal_weight)
     parser.add_argument("--focal-alpha", type=float, default=d.focal_alpha,
                         help="focal loss foreground weight (SAM: 0.25; 0.5 keeps thresholds calibrated)")
@@ -680,7 +701,8 @@ def main(args: argparse.Namespace) -> int:
     options = TrainOptions(
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
         prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob,
-        deepest_click_prob=args.deepest_click_prob, seed=args.seed,
+        deepest_click_prob=args.deepest_click_prob, mask_only_rounds=args.mask_only_rounds,
+        feedback=args.feedback, seed=args.seed,
         crop_prob=args.crop_prob, warp_prob=args.warp_prob, focal_weight=args.focal_weight,
         focal_alpha=args.focal_alpha,
         init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
