@@ -126,6 +126,11 @@ def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback):
         assert torch.equal(fed[:, 0], expected)
 
 
+def test_unknown_feedback_is_refused():
+    with pytest.raises(ValueError, match="feedback"):
+        TrainingStep(FluoroSAM(MINI), _options(feedback="oracle"), torch.Generator())
+
+
 @pytest.mark.slow
 def test_short_training_lowers_loss_and_resumes(tmp_path):
     vocabulary = Vocabulary.load()

@@ -4,7 +4,9 @@ The image encoder is the cost, so every image is decoded with several prompts: u
 ``--prompts-per-image`` present classes (each with a random training phrase of its class) plus one
 absent class whose target is empty. With probability ``--interactive-prob`` 1-3 SAM-style rounds
 follow, each adding one click sampled from the error region of the previous prediction (or, with
-``--deepest-click-prob``, placed where evaluation clicks), with that prediction as the dense prompt.
+``--deepest-click-prob``, placed where evaluation clicks), with that prediction as the dense prompt;
+``--mask-only-rounds`` adds rounds with the previous mask and no new click (as SAM), and ``--feedback``
+says which of the 3 masks is fed back (the oracle's best or, as at inference, the IoU head's pick).
 The text projection also sees a batch of phrases from the whole vocabulary every step (cheap), for
 the VQ and a supervised contrastive loss that keeps "left lung" and "right lung" apart.
 
@@ -262,6 +264,8 @@ class TrainingStep(nn.Module):
 
     def __init__(self, model: FluoroSAM, options: TrainOptions, generator: torch.Generator) -> None:
         super().__init__()
+        if options.feedback not in ("best", "predicted"):
+            raise ValueError(f"feedback must be 'best' or 'predicted', not {options.feedback!r}")
         self.model = model
         self.options = options
         self.generator = generator  # CPU generator for the corrective clicks
