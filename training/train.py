@@ -48,6 +48,10 @@ MIN_PROMPT_PIXELS = 4  # a class needs this many target pixels (at model input s
 VAL_PROMPTS_PER_IMAGE = 16
 
 
+# Masks a round can feed back to the next: the lowest-loss one (an oracle) or the IoU head's pick.
+FEEDBACK_CHOICES = ("best", "predicted")
+
+
 @dataclass
 class TrainOptions:
     steps: int = 1000
@@ -264,8 +268,8 @@ class TrainingStep(nn.Module):
 
     def __init__(self, model: FluoroSAM, options: TrainOptions, generator: torch.Generator) -> None:
         super().__init__()
-        if options.feedback not in ("best", "predicted"):
-            raise ValueError(f"feedback must be 'best' or 'predicted', not {options.feedback!r}")
+        if options.feedback not in FEEDBACK_CHOICES:
+            raise ValueError(f"feedback must be one of {FEEDBACK_CHOICES}, not {options.feedback!r}")
         self.model = model
         self.options = options
         self.generator = generator  # CPU generator for the corrective clicks
@@ -661,7 +665,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "larger error region) instead of a uniform draw from the error region")
     parser.add_argument("--mask-only-rounds", type=int, default=d.mask_only_rounds,
                         help="extra interactive rounds with no new click, only the previous mask (SAM: 2)")
-    parser.add_argument("--feedback", choices=("best", "predicted"), default=d.feedback,
+    parser.add_argument("--feedback", choices=FEEDBACK_CHOICES, default=d.feedback,
                         help="mask fed back between rounds: lowest-loss (oracle) or highest predicted IoU "
                              "(what evaluation and the node feed back)")
     parser.add_argument("--focal-weight", type=float, default=d.focal_weight)
