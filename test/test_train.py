@@ -146,10 +146,13 @@ def test_short_training_lowers_loss_and_resumes(tmp_path):
     model, meta = load_checkpoint(tmp_path)
     assert meta["vocabulary_sha256"] == vocabulary.sha256 and meta["training"]["steps"] == 40
     assert model.phrase_table.shape[0] == sum(len(vocabulary.training_phrases(c)) for c in CLASSES)
-    # Resume runs only the remaining steps.
+    # Resume runs only the remaining steps, in the epoch it stopped in (not epoch 0's seeds again).
+    stopped_epoch = [r["epoch"] for r in rows if "loss" in r][-1]
+    assert stopped_epoch > 0
     run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path, _options(steps=45), resume=tmp_path)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r][-2:] == [40, 45]
+    assert [r["epoch"] for r in rows if "loss" in r][-1] >= stopped_epoch  # a fresh start would be back near 0
 
 
 @pytest.mark.slow

@@ -495,7 +495,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     if missing:
         raise ValueError(f"dataset classes not in the vocabulary: {missing[:5]}")
 
-    start_step = 0
+    start_step = start_epoch = 0
     if resume:
         model, _ = load_checkpoint(resume)
         model.train()
@@ -536,13 +536,15 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_step = int(state["step"])
+        # The interrupted epoch starts again with its own shuffle and augmentation seeds, not epoch 0's.
+        start_epoch = int(state.get("epoch", 0))
         generator.set_state(state["generators"][min(rank, len(state["generators"]) - 1)])
 
     metrics_path = out / METRICS_FILE
     last: dict = {}
     t_start = time.time()
     step = start_step
-    epoch = 0
+    epoch = start_epoch
     samples_seen = 0
     bar = tqdm(total=options.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True,
                desc="train")
@@ -617,7 +619,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
                 tqdm.write(f"step {step}: val text-only mean IoU {val['val_mean_iou']:.3f} "
                            f"over {val['val_classes']} classes")
             if rank == 0 and (step % options.save_every == 0 or step == options.steps):
-                _save(model, out, optimizer, scaler, step, generator, options, model_config,
+                _save(model, out, optimizer, scaler, step, epoch, generator, options, model_config,
                       vocabulary, data_manifest_sha256, last, time.time() - t_start, world)
         epoch += 1
     bar.close()
@@ -626,7 +628,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     return model, last
 
 
-def _save(model, out, optimizer, scaler, step, generator, options, model_config, vocabulary,
+def _save(model, out, optimizer, scaler, step, epoch, generator, options, model_config, vocabulary,
           data_manifest_sha256, last, elapsed, world) -> None:
     meta = {"vocabulary_sha256": vocabulary.sha256, "data_manifest_sha256": data_manifest_sha256,
             "metrics": {k: v for k, v in last.items() if not k.startswith("_")},
@@ -640,7 +642,7 @@ def _save(model, out, optimizer, scaler, step, generator, options, model_config,
             if old.get(key) is not None:
                 meta[key] = old[key]
     save_checkpoint(model, out, meta)
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
                 "generators": [generator.get_state()]}, out / TRAIN_STATE_FILE)
     if (out / METRICS_FILE).exists():
         plot_curves(out / METRICS_FILE, out / "training_curve.png")
