@@ -233,11 +233,14 @@ def test_warm_start_copies_matching_tensors_only(tmp_path):
 
     torch.manual_seed(0)
     source = FluoroSAM(MINI).eval()
+    source.set_phrase_table(torch.randn(5, MINI.text_dim))
     save_checkpoint(source, tmp_path / "src", {})
     torch.manual_seed(1)
     target = FluoroSAM(dataclasses.replace(MINI, patch_size=4, high_res_features=False))  # another stem
     loaded, skipped = warm_start(target, tmp_path / "src")
     assert "image_encoder.backbone.patch_embed.proj.weight" in skipped and loaded > 50
+    # The phrase table is rebuilt from the vocabulary by training: not a weight, not copied, not reported.
+    assert "phrase_table" not in skipped and target.phrase_table.shape[0] == 0
     src_state, dst_state = source.state_dict(), target.state_dict()
     assert torch.equal(dst_state["mask_decoder.iou_token.weight"], src_state["mask_decoder.iou_token.weight"])
     assert not torch.equal(dst_state["image_encoder.backbone.patch_embed.proj.weight"].flatten()[:4],

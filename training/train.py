@@ -458,13 +458,14 @@ def checkpoint_provenance(checkpoint_dir: str | os.PathLike) -> dict:
 
 def warm_start(model: FluoroSAM, checkpoint_dir: str | os.PathLike) -> tuple[int, list[str]]:
     """Copy every tensor of another checkpoint whose name and shape match (e.g. a model of a changed
-    config); returns (tensors loaded, names left at their initialization)."""
+    config); returns (tensors loaded, names left at their initialization). The phrase table is not
+    a weight: training rebuilds it from its own vocabulary, so it is neither copied nor reported."""
     from safetensors.torch import load_file
 
     from training.model.checkpoint import WEIGHTS_FILE
 
     source = load_file(str(Path(checkpoint_dir) / WEIGHTS_FILE))
-    target = model.state_dict()
+    target = {k: v for k, v in model.state_dict().items() if k != "phrase_table"}
     matched = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
     if not matched:
         raise ValueError(f"{checkpoint_dir}: no tensor matches this model's names and shapes")
