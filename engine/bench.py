@@ -127,7 +127,8 @@ def format_table(result: dict) -> str:
     if result.get("model_note"):
         rows.append(("model", result["model_note"], ""))
     rows += [
-        ("full frame (1 prompt)", f"{result['full_frame_ms_p50']:.1f} / {result['full_frame_ms_p99']:.1f} ms", "p50 / p99"),
+        ("full frame (1 prompt)", f"{result['full_frame_ms_p50']:.1f} / {result['full_frame_ms_p99']:.1f} ms",
+         "p50 / p99"),
         ("decoder only (held frame)", f"{result['decoder_only_ms_p50']:.1f} / {result['decoder_only_ms_p99']:.1f} ms",
          "p50 / p99"),
         ("  of which decode / post / text", " / ".join(f"{result['decoder_only_breakdown_ms_p50'][k]:.1f}"

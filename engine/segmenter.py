@@ -201,7 +201,9 @@ class Segmenter:
         return {}
 
     def _engine_dirs(self, engine_dir) -> list[Path]:
-        return [Path(engine_dir)] if engine_dir is not None else [self.model_dir / "tensorrt", cache_root() / "tensorrt"]
+        if engine_dir is not None:
+            return [Path(engine_dir)]
+        return [self.model_dir / "tensorrt", cache_root() / "tensorrt"]
 
     def _tensorrt_engines(self, engine_dir) -> Path | None:
         from engine.backends.tensorrt_backend import engine_paths, tensorrt_available
@@ -354,7 +356,8 @@ class Segmenter:
             raise TypeError(f"prompts must be str or Prompt, got {type(prompt).__name__}")
         for point in prompt.points:
             if len(point) != 3 or not all(math.isfinite(float(v)) for v in point[:2]) or point[2] not in (0, 1):
-                raise ValueError(f"point {point!r} of prompt {prompt.text!r} must be (x, y, label 0|1) with finite x, y")
+                raise ValueError(f"point {point!r} of prompt {prompt.text!r} must be (x, y, label 0|1) "
+                                 "with finite x, y")
         return prompt
 
     def _temporal_key(self, prompt: Prompt) -> tuple:

@@ -299,7 +299,8 @@ class NodeCore:
         values.update({k: str(v) for k, v in counts.items()})
         values.update({k: str(v) for k, v in getattr(self.segmenter, "counters", {}).items()})
         if stale:
-            level, message = WARN, f"stale input: no frame for {since:.1f} s (stale_after_s={self.params.stale_after_s})"
+            level = WARN
+            message = f"stale input: no frame for {since:.1f} s (stale_after_s={self.params.stale_after_s})"
         elif self._last_error_time is not None and now - self._last_error_time <= ERROR_HOLD_S:
             level, message = WARN, self.last_error
         else:

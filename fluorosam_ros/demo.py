@@ -154,7 +154,8 @@ def captioned(overlay: np.ndarray, result: dict | None, rows: int) -> np.ndarray
     draw = ImageDraw.Draw(canvas)
     for row, d in enumerate((result or {}).get("detections", [])):
         colour = tuple(int(v) for v in PALETTE[(d["label"] - 1) % len(PALETTE)])
-        text = f"{d['label']}: {d['prompt']}  " + (f"refused ({d['reason']})" if d["refused"] else f"score {d['score']:.2f}")
+        status = f"refused ({d['reason']})" if d["refused"] else f"score {d['score']:.2f}"
+        text = f"{d['label']}: {d['prompt']}  {status}"
         draw.text((4, overlay.shape[0] + 1 + 14 * row), text, fill=colour if not d["refused"] else (160, 160, 160))
     return np.asarray(canvas)
 

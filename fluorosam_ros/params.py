@@ -57,7 +57,8 @@ class NodeParams:
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ValueError(f"parameter {f.name} must be {f.type}, got {value!r}")
         if self.image_qos_reliability not in RELIABILITIES:
-            raise ValueError(f"image_qos_reliability must be one of {RELIABILITIES}, got {self.image_qos_reliability!r}")
+            raise ValueError(f"image_qos_reliability must be one of {RELIABILITIES}, "
+                             f"got {self.image_qos_reliability!r}")
         for name in ("image_qos_depth", "prompt_qos_depth", "output_qos_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -2,9 +2,9 @@
 
 Image and prompt records go to the same :class:`~fluorosam_ros.core.NodeCore` as on the live node;
 outputs (mask, detections, results JSON, diagnostics, overlay if enabled) are written to a new bag
-at the input record's time (plus the processing latency with ``--realtime``). Without ``--realtime`` every valid frame is
-processed; with it, records are fed at their recorded pace and the latest-frame slot drops frames
-exactly like the live node would. Corrupt records are reported (diagnostics + log) and skipped.
+at the input record's time (plus the processing latency with ``--realtime``). Without ``--realtime``
+every valid frame is processed; with it, records are fed at their recorded pace and the latest-frame
+slot drops frames exactly like the live node would. Corrupt records are reported (diagnostics + log) and skipped.
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def replay(in_path: str | Path, out_path: str | Path, params: NodeParams, segmen
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     summary = ReplaySummary()
     started = time.monotonic()
-    with Reader(in_path) as reader, Writer(out_path, version=9, storage_plugin=StoragePlugin[storage.upper()]) as writer:
+    plugin = StoragePlugin[storage.upper()]
+    with Reader(in_path) as reader, Writer(out_path, version=9, storage_plugin=plugin) as writer:
         wanted = {params.image_topic: rt.IMAGE, params.prompt_topic: rt.STRING}
         connections = [c for c in reader.connections if c.topic in wanted]
         for c in connections:
@@ -169,7 +170,8 @@ def replay(in_path: str | Path, out_path: str | Path, params: NodeParams, segmen
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="rosbag2 folder (sqlite3 or MCAP)")
     parser.add_argument("--out", required=True, help="output bag folder (must not exist)")
-    parser.add_argument("--prompt", default=None, help="prompts before the bag's own prompt records, e.g. 'left lung; heart'")
+    parser.add_argument("--prompt", default=None,
+                        help="prompts before the bag's own prompt records, e.g. 'left lung; heart'")
     parser.add_argument("--realtime", action="store_true", help="honour recorded timing (frames may drop)")
     parser.add_argument("--image-topic", default=None)
     parser.add_argument("--prompt-topic", default=None)

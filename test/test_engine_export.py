@@ -66,7 +66,8 @@ def test_graphs_pass_the_checker_and_meta_hashes_match(exported):
 
 def test_encoder_parity(exported):
     model, onnx_dir = exported
-    image = torch.randn(1, 1, model.config.image_size, model.config.image_size, generator=torch.Generator().manual_seed(1))
+    size = model.config.image_size
+    image = torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         references = [t.numpy() for t in model.encode_image(image)]
     outputs = _session(onnx_dir / ENCODER_FILE).run(None, {"image": image.numpy()})
@@ -97,7 +98,8 @@ def test_decoder_parity(exported, k, clicks, with_mask):
         # FluoroSAM.decode appends SAM's padding point itself: give it the clicks without pack_points' pad.
         ref_coords = torch.from_numpy(coords[:, :-1]) if clicks else None
         ref_labels = torch.from_numpy(labels[:, :-1]).long() if clicks else None
-        logits, iou_pred = model.decode(tuple(embeddings.values()), tokens, ref_coords, ref_labels, mask_input if with_mask else None)
+        logits, iou_pred = model.decode(tuple(embeddings.values()), tokens, ref_coords, ref_labels,
+                                        mask_input if with_mask else None)
         best, best_score = model.best_mask(logits, iou_pred)
     assert masks.shape == (k, config.mask_hw, config.mask_hw)
     np.testing.assert_allclose(scores, best_score.numpy(), atol=1e-3)

@@ -41,7 +41,8 @@ def test_type_and_topic_names_follow_ros2():
 def test_image_cdr_bytes_equal_rosbags(h, w, encoding, frame_id, sec, nanosec, bigendian):
     dtype = {"mono8": np.uint8, "mono16": np.uint16, "32FC1": np.float32, "rgb8": np.uint8}[encoding]
     shape = (h, w, 3) if encoding == "rgb8" else (h, w)
-    msg = numpy_to_image(np.arange(np.prod(shape)).reshape(shape).astype(dtype), encoding, Header(sec, nanosec, frame_id))
+    pixels = np.arange(np.prod(shape)).reshape(shape).astype(dtype)
+    msg = numpy_to_image(pixels, encoding, Header(sec, nanosec, frame_id))
     msg.is_bigendian = bigendian
     ours = dds.image_to_dds(msg)
     reference = rt.serialize(rt.image_to_ros(msg), rt.IMAGE)
@@ -175,9 +176,11 @@ def test_bad_frame_is_reported_and_next_frame_processed(node):
     client, store = node
     bad = frame(31)
     client.send_frame(ImageMsg(bad.header, bad.height, bad.width, "mono16", 0, bad.step - 2, bad.data))
+    def last_error(d) -> str:
+        return {kv.key: kv.value for kv in d.status[0].values}["last_error"]
+
     diag = wait_for(lambda: [d for d in take_all(client.diagnostics_reader, store["diagnostics"])
-                             if "smaller than one row" in {kv.key: kv.value for kv in d.status[0].values}["last_error"]],
-                    10.0)
+                             if "smaller than one row" in last_error(d)], 10.0)
     assert diag and diag[0].status[0].level == 1
     send_until_mask(client, store, frame(32))
 

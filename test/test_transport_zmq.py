@@ -204,7 +204,8 @@ def test_curve_rejects_a_client_with_the_wrong_key(tmp_path):
 @given(parts=st.lists(st.one_of(
     st.binary(max_size=64),
     st.dictionaries(st.sampled_from(["topic", "height", "width", "encoding", "step", "stamp", "data", "is_bigendian"]),
-                    st.one_of(st.integers(-5, 70000), st.text(max_size=12), st.none(), st.lists(st.integers(), max_size=3)),
+                    st.one_of(st.integers(-5, 70000), st.text(max_size=12), st.none(),
+                              st.lists(st.integers(), max_size=3)),
                     max_size=8).map(lambda d: json.dumps(d).encode()),
     st.sampled_from([b'{"topic": "/carm/image"}', b'{"topic": "/fluorosam/prompt"}']),
     st.fixed_dictionaries({"topic": st.just("/carm/image"), "height": st.integers(-2, 20), "width": st.integers(-2, 20),

@@ -8,7 +8,8 @@ from training.vocabulary import Vocabulary, normalize_prompt
 
 REQUIRED = ["left lung", "right lung", "trachea", "endotracheal tube", "nasogastric tube", "central venous catheter",
             "guidewire", "catheter", "k-wire", "pedicle screw", "needle", "plate", "heart", "liver", "spine", "ribs",
-            "lungs", "left ribs", "right ribs", "thoracic vertebrae", "lumbar vertebrae", "cervical vertebrae", "pelvis"]
+            "lungs", "left ribs", "right ribs", "thoracic vertebrae", "lumbar vertebrae", "cervical vertebrae",
+            "pelvis"]
 
 
 @pytest.fixture(scope="module")

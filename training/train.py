@@ -479,7 +479,8 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
                  data_manifest_sha256: str | None = None) -> tuple[FluoroSAM, dict]:
     """Train; ``make_train_dataset(epoch)`` is called every epoch (so new shards are picked up).
 
-    Returns this replica's trained model and the last logged metrics (rank 0). Rank 0 writes checkpoints, ``metrics.jsonl`` and ``training_curve.png``.
+    Returns this replica's trained model and the last logged metrics (rank 0). Rank 0 writes
+    checkpoints, ``metrics.jsonl`` and ``training_curve.png``.
     """
     rank, world, local_rank, local_world = _dist_info()
     device = torch.device(options.device if not options.device.startswith("cuda") or world == 1
@@ -505,8 +506,9 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
         if options.init_from:
             loaded, skipped = warm_start(model, options.init_from)
             if rank == 0:
+                listed = ", ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else "")
                 print(f"warm start from {options.init_from}: {loaded} tensors loaded, "
-                      f"{len(skipped)} left at random init ({', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''})")
+                      f"{len(skipped)} left at random init ({listed})")
     model.to(device)
     bank = PhraseBank(model, vocabulary, class_names)
     if not resume and not options.init_from:

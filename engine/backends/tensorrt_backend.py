@@ -161,7 +161,8 @@ class TensorRTBackend:
                        "point_labels": MAX_PROMPTS * MAX_POINTS, "mask_input": MAX_PROMPTS * m * m,
                        "has_mask_input": MAX_PROMPTS}
         self._inputs = {name: cuda.mem_alloc(n * f32) for name, n in input_sizes.items()}
-        self._outputs = {"masks": cuda.mem_alloc(MAX_PROMPTS * m * m * f32), "scores": cuda.mem_alloc(MAX_PROMPTS * f32),
+        self._outputs = {"masks": cuda.mem_alloc(MAX_PROMPTS * m * m * f32),
+                         "scores": cuda.mem_alloc(MAX_PROMPTS * f32),
                          "iou_predictions": cuda.mem_alloc(MAX_PROMPTS * 3 * f32)}
         encoder = self._contexts["image_encoder"]
         encoder.set_tensor_address("image", int(self._image))

@@ -62,9 +62,10 @@ class RclpyTransport:
 
     def __init__(self, node: Node, params: NodeParams) -> None:
         self.node, self.params = node, params
+        image_reliability = (ReliabilityPolicy.BEST_EFFORT if params.image_qos_reliability == "best_effort"
+                             else ReliabilityPolicy.RELIABLE)
         image_qos = QoSProfile(depth=params.image_qos_depth, history=HistoryPolicy.KEEP_LAST,
-                               reliability=ReliabilityPolicy.BEST_EFFORT if params.image_qos_reliability == "best_effort"
-                               else ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+                               reliability=image_reliability, durability=DurabilityPolicy.VOLATILE)
         prompt_qos = QoSProfile(depth=params.prompt_qos_depth, history=HistoryPolicy.KEEP_LAST,
                                 reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
         out_qos = QoSProfile(depth=params.output_qos_depth, history=HistoryPolicy.KEEP_LAST,

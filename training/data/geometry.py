@@ -32,7 +32,8 @@ class CArmPose:
 
     ``primary_deg`` rotates the beam about the patient's head-foot axis away from the base view's
     beam (``base``: "AP" = beam anterior->posterior, "PA" = posterior->anterior); ``secondary_deg``
-    tilts it about the patient's left-right axis, cranial (+, detector toward the head) or caudal (-). ``fov_mm`` is the field of view in the isocenter plane.
+    tilts it about the patient's left-right axis, cranial (+, detector toward the head) or caudal (-).
+    ``fov_mm`` is the field of view in the isocenter plane.
     """
 
     base: str

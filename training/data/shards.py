@@ -93,7 +93,8 @@ def split_by_ct(manifest_root: str | Path, val_fraction: float, seed: int) -> tu
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     ct_ids = sorted({s["ct_id"] for s in read_manifest(manifest_root)["shards"]})
     order = np.random.default_rng(seed).permutation(len(ct_ids))
-    n_val = 0 if len(ct_ids) < 2 or val_fraction == 0 else min(len(ct_ids) - 1, max(1, round(val_fraction * len(ct_ids))))
+    n_val = (0 if len(ct_ids) < 2 or val_fraction == 0
+             else min(len(ct_ids) - 1, max(1, round(val_fraction * len(ct_ids)))))
     val = sorted(ct_ids[i] for i in order[:n_val])
     return [c for c in ct_ids if c not in val], val
 

@@ -258,7 +258,8 @@ def _needle(rng, ct) -> Tool | None:
     if not candidates:
         return None
     tip = candidates[int(rng.integers(len(candidates)))] + rng.normal(0, 10, 3)
-    approach = _unit(-ANTERIOR * rng.uniform(0.3, 1.0) + PATIENT_LEFT * rng.normal(0, 0.7) + SUPERIOR * rng.normal(0, 0.3))
+    approach = _unit(-ANTERIOR * rng.uniform(0.3, 1.0) + PATIENT_LEFT * rng.normal(0, 0.7)
+                     + SUPERIOR * rng.normal(0, 0.3))
     length = rng.uniform(90, 150)
     hub_start = tip + approach * length
     mu = rng.uniform(40, 60)
@@ -318,7 +319,8 @@ def _nasogastric_tube(rng, ct) -> Tool | None:
     stomach = ct.centroid([6])
     if stomach is not None:
         path = np.concatenate([path, [stomach + rng.normal(0, 10, 3)]])
-    return _airway_tube(rng, "nasogastric tube", _wiggle(rng, _resample(path, 8.0), 1.0), rng.uniform(2.0, 3.0), (10, 20))
+    centerline = _wiggle(rng, _resample(path, 8.0), 1.0)
+    return _airway_tube(rng, "nasogastric tube", centerline, rng.uniform(2.0, 3.0), (10, 20))
 
 
 def _central_venous_catheter(rng, ct) -> Tool | None:
