@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.evaluate import (EvalItem, add_arguments, calibrate_min_score, evaluate_items, iou_dice,
-                               load_eval_items, main, next_click, summarize)
+from training.evaluate import (EvalItem, add_arguments, calibrate_min_score, evaluate_items, load_eval_items, main,
+                               mask_overlap, next_click, summarize)
 from training.model import FluoroSAM, get_config, save_checkpoint
 
 VALUES = {"left lung": 100, "right lung": 200}
@@ -64,22 +64,44 @@ def test_oracles_give_exact_iou(tmp_path, perfect, expected):
     for k in ("0", "1", "3"):
         assert metrics["points"][k]["mean_iou"] == expected
         assert metrics["points"][k]["mean_dice"] == expected
-        assert metrics["points"][k]["per_class"]["right lung"] == {"iou": expected, "dice": expected, "n": 3}
+        assert metrics["points"][k]["per_class"]["right lung"] == {
+            "iou": expected, "dice": expected, "n": 3, "recall": expected, "precision": 1.0 if perfect else None}
     assert metrics["paraphrase"]["mean_iou"] == expected and metrics["paraphrase"]["gap"] == 0.0
 
 
-def test_iou_dice_and_clicks():
+def test_mask_overlap_and_clicks():
     a = np.zeros((10, 10), bool)
     a[2:6, 2:6] = True
     b = np.zeros_like(a)
     b[2:6, 2:4] = True
-    assert iou_dice(a, b) == (0.5, pytest.approx(2 / 3))
-    assert iou_dice(np.zeros_like(a), np.zeros_like(a)) == (1.0, 1.0)
+    assert mask_overlap(b, a) == {"iou": 0.5, "dice": pytest.approx(2 / 3), "hit_px": 8, "pred_px": 8, "gt_px": 16}
+    empty = np.zeros_like(a)
+    assert (mask_overlap(empty, empty)["iou"], mask_overlap(empty, empty)["dice"]) == (1.0, 1.0)
     x, y, label = next_click(b, a)  # missed columns 4-5 -> positive click inside them
     assert label == 1 and a[int(y), int(x)] and not b[int(y), int(x)]
     x, y, label = next_click(a, b)  # false positive columns -> negative click there
     assert label == 0 and a[int(y), int(x)] and not b[int(y), int(x)]
     assert next_click(a, a) is None
+
+
+class Oversegmenter(Oracle):
+    """The true mask plus as many pixels again below it: twice the area, every true pixel found."""
+
+    def predict(self, prompts, clicks, previous):
+        masks, scores, _ = super().predict(prompts, clicks, previous)
+        return [m | np.roll(m, int(m.any(1).sum()), axis=0) for m in masks], scores, None
+
+
+def test_precision_and_recall_tell_over_segmentation_apart(tmp_path):
+    items = list(load_eval_items(_write_evalset(tmp_path, size=(80, 56))))  # room below the masks
+    metrics = summarize(evaluate_items(Oversegmenter(perfect=True), items, [0], show_progress=False))
+    entry = metrics["points"]["0"]["per_class"]["left lung"]
+    assert entry["recall"] == 1.0 and entry["precision"] == pytest.approx(0.5) and entry["iou"] == pytest.approx(0.5)
+    from training.evaluate import write_markdown
+
+    write_markdown(metrics, tmp_path / "metrics.md", "t")
+    row = next(line for line in (tmp_path / "metrics.md").read_text().splitlines() if line.startswith("| left lung"))
+    assert row.endswith("| 0.500 | 0.500 | 1.000 |")
 
 
 def test_min_score_separates_good_from_bad():

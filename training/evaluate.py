@@ -90,14 +90,15 @@ def load_eval_items(folder: str | Path, classes: list[str] | None = None,
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def iou_dice(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    """IoU and Dice of boolean masks; both empty counts as a perfect 1.0."""
-    inter = np.logical_and(pred, gt).sum()
-    total = pred.sum() + gt.sum()
+def mask_overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """IoU and Dice of boolean masks (both empty counts as a perfect 1.0), plus the pixel counts that
+    per-class precision and recall are pooled from (so over- and under-segmentation can be told apart)."""
+    inter = int(np.logical_and(pred, gt).sum())
+    pred_px, gt_px = int(pred.sum()), int(gt.sum())
+    total = pred_px + gt_px
     union = total - inter
-    if union == 0:
-        return 1.0, 1.0
-    return float(inter / union), float(2 * inter / total)
+    iou, dice = (1.0, 1.0) if union == 0 else (inter / union, 2 * inter / total)
+    return {"iou": float(iou), "dice": float(dice), "hit_px": inter, "pred_px": pred_px, "gt_px": gt_px}
 
 
 def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, int] | None:
@@ -201,8 +202,7 @@ def evaluate_items(predictor: Predictor, items, point_counts: list[int],
                                                         previous if round_index else None)
             if round_index in records:
                 for prompt, pred, gt, score in zip(prompts, preds, gts, scores):
-                    iou, dice = iou_dice(pred, gt)
-                    records[round_index].append({"item": item.id, "prompt": prompt, "iou": iou, "dice": dice,
+                    records[round_index].append({"item": item.id, "prompt": prompt, **mask_overlap(pred, gt),
                                                  "score": float(score)})
             if round_index == 0 and len(overlays) < overlay_limit:
                 overlays.append({"id": item.id, "image": item.image, "prompts": prompts, "gts": gts, "preds": preds})
@@ -214,21 +214,25 @@ def evaluate_items(predictor: Predictor, items, point_counts: list[int],
                     continue
                 preds_p, _, _ = predictor.predict(phrases, None, None)
                 for phrase, pred in zip(phrases, preds_p):
-                    iou, dice = iou_dice(pred, gt)
-                    paraphrase_records.append({"item": item.id, "class": prompt, "phrase": phrase, "iou": iou,
-                                               "dice": dice, "name_iou": text_iou.get(prompt)})
+                    paraphrase_records.append({"item": item.id, "class": prompt, "phrase": phrase,
+                                               **mask_overlap(pred, gt), "name_iou": text_iou.get(prompt)})
     return {"records": records, "paraphrase": paraphrase_records, "overlays": overlays,
             "mean_area": {k: float(np.mean(v)) for k, v in areas.items()}}
 
 
 def _aggregate(rows: list[dict], key: str = "prompt") -> dict:
-    per_class: dict[str, dict] = {}
+    """Per class: mean IoU and Dice over items; precision and recall pooled over the class's pixels
+    (precision is None when nothing was ever predicted)."""
+    grouped: dict[str, list[dict]] = {}
     for row in rows:
-        entry = per_class.setdefault(row[key], {"iou": [], "dice": []})
-        entry["iou"].append(row["iou"])
-        entry["dice"].append(row["dice"])
-    per_class = {k: {"iou": float(np.mean(v["iou"])), "dice": float(np.mean(v["dice"])), "n": len(v["iou"])}
-                 for k, v in sorted(per_class.items())}
+        grouped.setdefault(row[key], []).append(row)
+    per_class = {}
+    for name, group in sorted(grouped.items()):
+        hit, pred_px, gt_px = (sum(r[k] for r in group) for k in ("hit_px", "pred_px", "gt_px"))
+        per_class[name] = {"iou": float(np.mean([r["iou"] for r in group])),
+                           "dice": float(np.mean([r["dice"] for r in group])), "n": len(group),
+                           "precision": hit / pred_px if pred_px else None,
+                           "recall": hit / gt_px if gt_px else None}
     return {"mean_iou": float(np.mean([v["iou"] for v in per_class.values()])) if per_class else float("nan"),
             "mean_dice": float(np.mean([v["dice"] for v in per_class.values()])) if per_class else float("nan"),
             "per_class": per_class}
@@ -292,17 +296,27 @@ def calibrate_min_score(rows: list[dict]) -> float:
 # ----------------------------------------------------------------------------------------- output
 def write_markdown(metrics: dict, path: Path, title: str) -> None:
     counts = sorted(metrics["points"], key=int)
-    lines = [f"# {title}", "", "| class | n | " + " | ".join(f"IoU {c} pt" for c in counts) + " |",
-             "|---|---|" + "---|" * len(counts)]
-    classes = list(metrics["points"][counts[0]]["per_class"])
+    first = counts[0]
+    lines = [f"# {title}", "", "| class | n | " + " | ".join(f"IoU {c} pt" for c in counts)
+             + f" | precision {first} pt | recall {first} pt |", "|---|---|" + "---|" * (len(counts) + 2)]
+
+    def fraction(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    classes = list(metrics["points"][first]["per_class"])
     for name in classes:
         row = [metrics["points"][c]["per_class"][name] for c in counts]
-        lines.append(f"| {name} | {row[0]['n']} | " + " | ".join(f"{r['iou']:.3f}" for r in row) + " |")
+        lines.append(f"| {name} | {row[0]['n']} | " + " | ".join(f"{r['iou']:.3f}" for r in row)
+                     + f" | {fraction(row[0].get('precision'))} | {fraction(row[0].get('recall'))} |")
     lines.append("| **mean (classes)** | | " + " | ".join(f"**{metrics['points'][c]['mean_iou']:.3f}**"
-                                                         for c in counts) + " |")
+                                                         for c in counts) + " | | |")
     key = f"largest{LARGEST_K}_mean_iou"
     lines.append(f"| **mean ({LARGEST_K} largest)** | | " + " | ".join(
-        f"**{metrics['points'][c][key]:.3f}**" for c in counts) + " |")
+        f"**{metrics['points'][c][key]:.3f}**" for c in counts) + " | | |")
+    lines.append("")
+    lines.append("Precision: share of the predicted pixels inside the truth; recall: share of the truth's pixels "
+                 "predicted (both pooled over the class's items): low precision with high recall is "
+                 "over-segmentation.")
     lines.append("")
     lines.append("| mean Dice | " + " | ".join(f"{c} pt: {metrics['points'][c]['mean_dice']:.3f}" for c in counts)
                  + " |")
