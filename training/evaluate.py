@@ -307,7 +307,7 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
     for name in classes:
         row = [metrics["points"][c]["per_class"][name] for c in counts]
         lines.append(f"| {name} | {row[0]['n']} | " + " | ".join(f"{r['iou']:.3f}" for r in row)
-                     + f" | {fraction(row[0].get('precision'))} | {fraction(row[0].get('recall'))} |")
+                     + f" | {fraction(row[0]['precision'])} | {fraction(row[0]['recall'])} |")
     lines.append("| **mean (classes)** | | " + " | ".join(f"**{metrics['points'][c]['mean_iou']:.3f}**"
                                                          for c in counts) + " | | |")
     key = f"largest{LARGEST_K}_mean_iou"
