@@ -149,10 +149,14 @@ def test_short_training_lowers_loss_and_resumes(tmp_path):
     # Resume runs only the remaining steps, in the epoch it stopped in (not epoch 0's seeds again).
     stopped_epoch = [r["epoch"] for r in rows if "loss" in r][-1]
     assert stopped_epoch > 0
+    first_wall_time = meta["training"]["wall_time_s"]
     run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path, _options(steps=45), resume=tmp_path)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r][-2:] == [40, 45]
     assert [r["epoch"] for r in rows if "loss" in r][-1] >= stopped_epoch  # a fresh start would be back near 0
+    # Time and throughput cover the whole run, not only the resumed process (5 steps of 45).
+    _, meta = load_checkpoint(tmp_path)
+    assert meta["training"]["wall_time_s"] >= first_wall_time and rows[-1]["elapsed_s"] >= first_wall_time
 
 
 @pytest.mark.slow

@@ -534,6 +534,9 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     workers = default_workers(device, processes=local_world) if options.num_workers is None else options.num_workers
     # Gradient scaling only for float16: bfloat16 has float32's exponent range.
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    # Wall time and images seen up to the resumed checkpoint, so a resumed run reports the whole run's
+    # time and throughput (work done after that checkpoint was lost with the process and is not counted).
+    elapsed_before, samples_seen = 0.0, 0
     if resume and (Path(resume) / TRAIN_STATE_FILE).exists():
         state = torch.load(Path(resume) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -541,14 +544,14 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
         start_step = int(state["step"])
         # The interrupted epoch starts again with its own shuffle and augmentation seeds, not epoch 0's.
         start_epoch = int(state.get("epoch", 0))
+        elapsed_before, samples_seen = float(state.get("elapsed_s", 0.0)), int(state.get("samples_seen", 0))
         generator.set_state(state["generators"][min(rank, len(state["generators"]) - 1)])
 
     metrics_path = out / METRICS_FILE
     last: dict = {}
-    t_start = time.time()
+    t_start = time.time() - elapsed_before
     step = start_step
     epoch = start_epoch
-    samples_seen = 0
     bar = tqdm(total=options.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True,
                desc="train")
     running: dict[str, float] = {}
@@ -623,7 +626,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
                            f"over {val['val_classes']} classes")
             if rank == 0 and (step % options.save_every == 0 or step == options.steps):
                 _save(model, out, optimizer, scaler, step, epoch, generator, options, model_config,
-                      vocabulary, data_manifest_sha256, last, time.time() - t_start, world)
+                      vocabulary, data_manifest_sha256, last, time.time() - t_start, samples_seen, world)
         epoch += 1
     bar.close()
     if world > 1:
@@ -632,7 +635,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
 
 
 def _save(model, out, optimizer, scaler, step, epoch, generator, options, model_config, vocabulary,
-          data_manifest_sha256, last, elapsed, world) -> None:
+          data_manifest_sha256, last, elapsed, samples_seen, world) -> None:
     meta = {"vocabulary_sha256": vocabulary.sha256, "data_manifest_sha256": data_manifest_sha256,
             "metrics": {k: v for k, v in last.items() if not k.startswith("_")},
             "training": {"steps": step, "world_size": world, "wall_time_s": round(elapsed, 1),
@@ -646,7 +649,8 @@ def _save(model, out, optimizer, scaler, step, epoch, generator, options, model_
                 meta[key] = old[key]
     save_checkpoint(model, out, meta)
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                "generators": [generator.get_state()]}, out / TRAIN_STATE_FILE)
+                "elapsed_s": elapsed, "samples_seen": samples_seen, "generators": [generator.get_state()]},
+               out / TRAIN_STATE_FILE)
     if (out / METRICS_FILE).exists():
         plot_curves(out / METRICS_FILE, out / "training_curve.png")
 
