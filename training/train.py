@@ -684,7 +684,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chance of cropping a render to a non-square frame before letterboxing")
     parser.add_argument("--warp-prob", type=float, default=d.warp_prob,
                         help="chance of an affine + elastic warp of image and masks (anatomy variation)")
-    parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step)")
+    parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step, epoch, RNG, "
+                                           "wall time); --steps may change the schedule's length")
     parser.add_argument("--init-from", default=None,
                         help="start a NEW run from another checkpoint's weights wherever names and shapes match")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
