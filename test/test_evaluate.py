@@ -75,8 +75,8 @@ def test_mask_overlap_and_clicks():
     b = np.zeros_like(a)
     b[2:6, 2:4] = True
     assert mask_overlap(b, a) == {"iou": 0.5, "dice": pytest.approx(2 / 3), "hit_px": 8, "pred_px": 8, "gt_px": 16}
-    empty = np.zeros_like(a)
-    assert (mask_overlap(empty, empty)["iou"], mask_overlap(empty, empty)["dice"]) == (1.0, 1.0)
+    both_empty = mask_overlap(np.zeros_like(a), np.zeros_like(a))
+    assert (both_empty["iou"], both_empty["dice"]) == (1.0, 1.0)
     x, y, label = next_click(b, a)  # missed columns 4-5 -> positive click inside them
     assert label == 1 and a[int(y), int(x)] and not b[int(y), int(x)]
     x, y, label = next_click(a, b)  # false positive columns -> negative click there

@@ -176,6 +176,7 @@ def test_bad_frame_is_reported_and_next_frame_processed(node):
     client, store = node
     bad = frame(31)
     client.send_frame(ImageMsg(bad.header, bad.height, bad.width, "mono16", 0, bad.step - 2, bad.data))
+
     def last_error(d) -> str:
         return {kv.key: kv.value for kv in d.status[0].values}["last_error"]
 
