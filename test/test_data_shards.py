@@ -1,9 +1,11 @@
 """Shards, manifest, reader, augmentation, splits, eval-set export and the Ray backend."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fluorosam_ros.paths import config_path
 from training.data.augment import anatomy_warp, domain_randomize
 from training.data.evalset import export_evalset
 from training.data.jobs import CTSpec, plan_jobs, render_dataset
@@ -188,3 +190,43 @@ def test_cli_rejects_ct_without_labels(tmp_path, capsys):
     assert "--labels" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["render", "--example", "--ct", "a.nii.gz", "--views", "1", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_relabel_matches_a_fresh_render_with_the_new_vocabulary(tmp_path):
+    """A render made without hidden_by, relabelled to diaphragm-only lung fields, equals rendering again bit for bit."""
+    import yaml
+
+    from training.data.relabel import relabel_dataset
+    from training.vocabulary import Vocabulary
+
+    doc = yaml.safe_load(Path(config_path("vocabulary.yaml")).read_text())
+    for c in doc["classes"]:
+        c.pop("hidden_by", None)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(doc, sort_keys=False))
+    for c in doc["classes"]:
+        if c["name"] in ("left lung", "right lung", "lungs"):
+            c["hidden_by"] = ["liver", "spleen", "stomach", "colon"]
+    diaphragm = tmp_path / "diaphragm.yaml"
+    diaphragm.write_text(yaml.safe_dump(doc, sort_keys=False))
+    spec = [CTSpec("example", voxel_mm=8.0)]
+    render_dataset(spec, tmp_path / "old", views=3, size=64, seed=21, shard_size=2, vocabulary=str(plain),
+                   progress=False)
+    fresh = render_dataset(spec, tmp_path / "fresh", views=3, size=64, seed=21, shard_size=2,
+                           vocabulary=str(diaphragm), progress=False)
+    relabelled = relabel_dataset(tmp_path / "old", tmp_path / "new", vocabulary=str(diaphragm), progress=False)
+
+    assert relabelled["vocabulary_sha256"] == Vocabulary.load(diaphragm).sha256 == fresh["vocabulary_sha256"]
+    assert relabelled["items"] == fresh["items"] and relabelled["shards"] == fresh["shards"]
+    old, new, again = (ShardDataset(tmp_path / d) for d in ("old", "new", "fresh"))
+    lung = old.classes.index("left lung")
+    cut = 0
+    for k in range(len(fresh["items"])):
+        assert np.array_equal(new[k]["masks"], again[k]["masks"]) and np.array_equal(new[k]["image"], again[k]["image"])
+        cut += int(old[k]["masks"][lung].sum() - new[k]["masks"][lung].sum())
+    assert cut > 0  # the rule removed lung pixels under the diaphragm, so the comparison is not vacuous
+    with pytest.raises(ValueError, match="no hidden_by"):
+        relabel_dataset(tmp_path / "old", tmp_path / "again", vocabulary=str(plain), progress=False)
+    with pytest.raises(ValueError, match="must differ"):
+        relabel_dataset(tmp_path / "old", tmp_path / "old", vocabulary=str(diaphragm), progress=False)

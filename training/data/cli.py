@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     render.add_argument("--vocabulary", default=None, help="vocabulary YAML (default config/vocabulary.yaml)")
     render.add_argument("--overwrite", action="store_true", help="replace a render made with other settings")
 
+    relabel = sub.add_parser("relabel", help="apply the vocabulary's hidden_by rules to an existing render "
+                                             "(bit-identical to rendering again, in seconds)")
+    relabel.add_argument("--data", required=True, help="rendered shard folder (read only)")
+    relabel.add_argument("--out", required=True, help="new shard folder to write")
+    relabel.add_argument("--vocabulary", default=None, help="vocabulary YAML (default config/vocabulary.yaml)")
+
     export = sub.add_parser("export-evalset", help="write rendered views in the eval-set format")
     export.add_argument("--data", required=True, help="rendered shard folder")
     export.add_argument("--out", required=True, help="eval-set folder to write")
@@ -59,6 +65,12 @@ def main(args: argparse.Namespace) -> int:
                                   tool_probability=args.tool_probability, backend=args.backend,
                                   ray_address=args.ray_address, vocabulary=args.vocabulary, overwrite=args.overwrite)
         print(f"{len(manifest['items'])} views in {len(manifest['shards'])} shards -> {args.out}")
+        return 0
+    if args.action == "relabel":
+        from .relabel import relabel_dataset
+
+        manifest = relabel_dataset(args.data, args.out, vocabulary=args.vocabulary)
+        print(f"{len(manifest['items'])} views relabelled -> {args.out}")
         return 0
     if args.action == "export-evalset":
         from .evalset import export_evalset
