@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.evaluate import (EvalItem, add_arguments, calibrate_min_score, evaluate_items, load_eval_items, main,
-                               mask_overlap, next_click, summarize)
+from training.evaluate import (EvalItem, add_arguments, calibrate_min_score, error_placement, evaluate_items,
+                               load_eval_items, main, mask_overlap, next_click, summarize)
 from training.model import FluoroSAM, get_config, save_checkpoint
 
 VALUES = {"left lung": 100, "right lung": 200}
@@ -65,7 +65,9 @@ def test_oracles_give_exact_iou(tmp_path, perfect, expected):
         assert metrics["points"][k]["mean_iou"] == expected
         assert metrics["points"][k]["mean_dice"] == expected
         assert metrics["points"][k]["per_class"]["right lung"] == {
-            "iou": expected, "dice": expected, "n": 3, "recall": expected, "precision": 1.0 if perfect else None}
+            "iou": expected, "dice": expected, "n": 3, "recall": expected, "precision": 1.0 if perfect else None,
+            "false_positives": None,  # neither oracle draws a pixel outside the truth
+            "misses": None if perfect else {"below": 0.0, "above": 0.0, "beside": 1.0, "within": 0.0}}
     assert metrics["paraphrase"]["mean_iou"] == expected and metrics["paraphrase"]["gap"] == 0.0
 
 
@@ -74,7 +76,10 @@ def test_mask_overlap_and_clicks():
     a[2:6, 2:6] = True
     b = np.zeros_like(a)
     b[2:6, 2:4] = True
-    assert mask_overlap(b, a) == {"iou": 0.5, "dice": pytest.approx(2 / 3), "hit_px": 8, "pred_px": 8, "gt_px": 16}
+    overlap = mask_overlap(b, a)
+    assert {k: overlap[k] for k in ("iou", "dice", "hit_px", "pred_px", "gt_px")} == {
+        "iou": 0.5, "dice": pytest.approx(2 / 3), "hit_px": 8, "pred_px": 8, "gt_px": 16}
+    assert overlap["fn_beside_px"] == 8 and overlap["fp_below_px"] + overlap["fn_below_px"] == 0
     both_empty = mask_overlap(np.zeros_like(a), np.zeros_like(a))
     assert (both_empty["iou"], both_empty["dice"]) == (1.0, 1.0)
     x, y, label = next_click(b, a)  # missed columns 4-5 -> positive click inside them
@@ -82,6 +87,20 @@ def test_mask_overlap_and_clicks():
     x, y, label = next_click(a, b)  # false positive columns -> negative click there
     assert label == 0 and a[int(y), int(x)] and not b[int(y), int(x)]
     assert next_click(a, a) is None
+
+
+def test_error_placement_is_column_by_column():
+    """A 4x4 truth block; errors under it, over it, in a column it never reaches and in a hole of its span."""
+    truth = np.zeros((12, 10), bool)
+    truth[4:8, 2:6] = True
+    truth[5, 3] = False  # a hole: within the column's span
+    errors = np.zeros_like(truth)
+    errors[9:11, 2] = True  # 2 below
+    errors[1, 3:6] = True  # 3 above
+    errors[6, 8] = True  # 1 beside (column 8 has no truth)
+    errors[5, 3] = True  # 1 within
+    assert error_placement(errors, truth) == {"below": 2, "above": 3, "beside": 1, "within": 1}
+    assert error_placement(errors, np.zeros_like(truth)) == {"below": 0, "above": 0, "beside": 7, "within": 0}
 
 
 class Oversegmenter(Oracle):
@@ -102,6 +121,8 @@ def test_precision_and_recall_tell_over_segmentation_apart(tmp_path):
     write_markdown(metrics, tmp_path / "metrics.md", "t")
     row = next(line for line in (tmp_path / "metrics.md").read_text().splitlines() if line.startswith("| left lung"))
     assert row.endswith("| 0.500 | 0.500 | 1.000 |")
+    assert entry["false_positives"] == {"below": 1.0, "above": 0.0, "beside": 0.0, "within": 0.0}
+    assert "| left lung | 100 % / 0 % / 0 % / 0 % | - |" in (tmp_path / "metrics.md").read_text()
 
 
 def test_min_score_separates_good_from_bad():

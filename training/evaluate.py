@@ -98,7 +98,27 @@ def mask_overlap(pred: np.ndarray, gt: np.ndarray) -> dict:
     total = pred_px + gt_px
     union = total - inter
     iou, dice = (1.0, 1.0) if union == 0 else (inter / union, 2 * inter / total)
-    return {"iou": float(iou), "dice": float(dice), "hit_px": inter, "pred_px": pred_px, "gt_px": gt_px}
+    return {"iou": float(iou), "dice": float(dice), "hit_px": inter, "pred_px": pred_px, "gt_px": gt_px,
+            **{f"fp_{k}_px": v for k, v in error_placement(pred & ~gt, gt).items()},
+            **{f"fn_{k}_px": v for k, v in error_placement(gt & ~pred, pred).items()}}
+
+
+ERROR_PLACES = ("below", "above", "beside", "within")
+
+
+def error_placement(errors: np.ndarray, reference: np.ndarray) -> dict[str, int]:
+    """Where error pixels lie relative to the other mask, column by column (images are shown head up):
+    ``below`` / ``above`` its lowest / highest pixel in that column, ``beside`` it (columns it does not reach)
+    or ``within`` its vertical span. For a lung, false positives below the truth are spill under the dome,
+    misses below the prediction mean the lung ended too high."""
+    covered = reference.any(0)
+    rows = np.arange(reference.shape[0])[:, None]
+    top = np.where(covered, reference.argmax(0), reference.shape[0])
+    bottom = np.where(covered, reference.shape[0] - 1 - reference[::-1].argmax(0), -1)
+    below = int((errors & (rows > bottom) & covered).sum())
+    above = int((errors & (rows < top) & covered).sum())
+    beside = int((errors & ~covered).sum())
+    return {"below": below, "above": above, "beside": beside, "within": int(errors.sum()) - below - above - beside}
 
 
 def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float, int] | None:
@@ -220,6 +240,13 @@ def evaluate_items(predictor: Predictor, items, point_counts: list[int],
             "mean_area": {k: float(np.mean(v)) for k, v in areas.items()}}
 
 
+def _placement_shares(rows: list[dict], kind: str, total: int) -> dict[str, float] | None:
+    """Pooled shares of a class's false-positive (``fp``) or missed (``fn``) pixels per place; None if none."""
+    if not total:
+        return None
+    return {place: sum(r[f"{kind}_{place}_px"] for r in rows) / total for place in ERROR_PLACES}
+
+
 def _aggregate(rows: list[dict], key: str = "prompt") -> dict:
     """Per class: mean IoU and Dice over items; precision and recall pooled over the class's pixels
     (precision is None when nothing was ever predicted)."""
@@ -232,7 +259,9 @@ def _aggregate(rows: list[dict], key: str = "prompt") -> dict:
         per_class[name] = {"iou": float(np.mean([r["iou"] for r in group])),
                            "dice": float(np.mean([r["dice"] for r in group])), "n": len(group),
                            "precision": hit / pred_px if pred_px else None,
-                           "recall": hit / gt_px if gt_px else None}
+                           "recall": hit / gt_px if gt_px else None,
+                           "false_positives": _placement_shares(group, "fp", pred_px - hit),
+                           "misses": _placement_shares(group, "fn", gt_px - hit)}
     return {"mean_iou": float(np.mean([v["iou"] for v in per_class.values()])) if per_class else float("nan"),
             "mean_dice": float(np.mean([v["dice"] for v in per_class.values()])) if per_class else float("nan"),
             "per_class": per_class}
@@ -317,6 +346,20 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
     lines.append("Precision: share of the predicted pixels inside the truth; recall: share of the truth's pixels "
                  "predicted (both pooled over the class's items): low precision with high recall is "
                  "over-segmentation.")
+    largest = [name for name in metrics.get("largest_classes", []) if name in classes]
+    if largest:
+        lines += ["", f"Where the {first}-pt errors of the {len(largest)} largest classes lie, column by column: "
+                  "false positives below / above the truth / beside it (columns it does not reach) / within its "
+                  "span; misses the same against the prediction (misses below: the mask ended too high).", "",
+                  "| class | false positives below / above / beside / within | misses below / above / beside / "
+                  "within |", "|---|---|---|"]
+
+        def shares(value: dict | None) -> str:
+            return "-" if value is None else " / ".join(f"{100 * value[p]:.0f} %" for p in ERROR_PLACES)
+
+        for name in largest:
+            row = metrics["points"][first]["per_class"][name]
+            lines.append(f"| {name} | {shares(row['false_positives'])} | {shares(row['misses'])} |")
     lines.append("")
     lines.append("| mean Dice | " + " | ".join(f"{c} pt: {metrics['points'][c]['mean_dice']:.3f}" for c in counts)
                  + " |")
