@@ -18,30 +18,17 @@ import numpy as np
 
 from training.vocabulary import Vocabulary
 
-from .shards import read_manifest, write_manifest, write_shard
+from .render import apply_hiding, hiding_plan
+from .shards import read_manifest, unpack_masks, write_manifest, write_shard
 
 
-def hiding_plan(vocab: Vocabulary) -> dict[int, list[int]]:
-    """Class index -> indices of the classes that hide it, for every class with ``hidden_by``."""
-    index = {name: i for i, name in enumerate(vocab.names)}
-    plan = {}
+def _check_hiders_are_plain(vocab: Vocabulary) -> None:
+    """A render stores a hiding class after its own hiding: relabelling can only use plain projections."""
     for c in vocab.classes:
-        if not c.hidden_by:
-            continue
         for name in c.hidden_by:
             if vocab.get(name).hidden_by:
                 raise ValueError(f"class {c.name!r} is hidden by {name!r}, which is itself hidden_by other classes: "
                                  "its stored mask is not its plain projection, so relabelling would not match a render")
-        plan[index[c.name]] = [index[name] for name in c.hidden_by]
-    return plan
-
-
-def apply_hiding(masks: np.ndarray, plan: dict[int, list[int]]) -> np.ndarray:
-    """Masks (N, C, H, W) bool with each planned class cut where any of its hiding classes is."""
-    out = masks.copy()
-    for target, hiders in plan.items():
-        out[:, target] &= ~masks[:, hiders].any(1)
-    return out
 
 
 def relabel_dataset(src: str | Path, out: str | Path, vocabulary: str | None = None,
@@ -60,21 +47,19 @@ def relabel_dataset(src: str | Path, out: str | Path, vocabulary: str | None = N
     plan = hiding_plan(vocab)
     if not plan:
         raise ValueError("the vocabulary has no hidden_by rules: nothing to relabel")
+    _check_hiders_are_plain(vocab)
     out.mkdir(parents=True, exist_ok=True)
-    new = dict(manifest, vocabulary_sha256=vocab.sha256, shards=list(manifest["shards"]), items=[],
+    new = dict(manifest, vocabulary_sha256=vocab.sha256,
                relabeled_from={"data": str(src.resolve()), "vocabulary_sha256": manifest["vocabulary_sha256"]})
-    side = manifest["image_size"]
-    by_shard: dict[int, list[dict]] = {}
-    for item in manifest["items"]:
-        by_shard.setdefault(item["shard"], []).append(item)
-    for k, shard in enumerate(tqdm(manifest["shards"], unit="shard", desc="relabel", disable=not progress)):
+    present = []
+    for shard in tqdm(manifest["shards"], unit="shard", desc="relabel", disable=not progress):
         with np.load(src / shard["file"]) as z:
             images, packed = z["images"], z["masks"]
-        n, c = packed.shape[:2]
-        masks = np.unpackbits(packed, axis=-1, count=side * side).astype(bool).reshape(n, c, side, side)
-        present = write_shard(out / shard["file"], images, apply_hiding(masks, plan))
-        for item in sorted(by_shard.get(k, []), key=lambda it: it["index"]):
-            flags = present[item["index"]]
-            new["items"].append(dict(item, present=[name for name, flag in zip(vocab.names, flags) if flag]))
+        masks = apply_hiding(unpack_masks(packed, manifest["image_size"]), plan)
+        present.append(write_shard(out / shard["file"], images, masks))
+    new["items"] = []
+    for item in manifest["items"]:
+        flags = present[item["shard"]][item["index"]]
+        new["items"].append(dict(item, present=[name for name, flag in zip(vocab.names, flags) if flag]))
     write_manifest(out, new)
     return new

@@ -25,6 +25,21 @@ def _in_volume(label_ids, n_labels: int) -> list[int]:
     return [i for i in label_ids if 0 < i < n_labels]
 
 
+def hiding_plan(vocabulary: Vocabulary) -> dict[int, list[int]]:
+    """Class index -> indices of the classes that hide it, for every class with ``hidden_by``."""
+    index = {name: i for i, name in enumerate(vocabulary.names)}
+    return {index[c.name]: [index[h] for h in c.hidden_by] for c in vocabulary.classes if c.hidden_by}
+
+
+def apply_hiding(masks: np.ndarray, plan: dict[int, list[int]]) -> np.ndarray:
+    """Plain projections (..., C, H, W) bool -> a copy with each planned class cut wherever one of its hiding
+    classes' plain projections is (the one place ``hidden_by`` is applied: renders and relabelling)."""
+    out = masks.copy()
+    for target, hiders in plan.items():
+        out[..., target, :, :] &= ~masks[..., hiders, :, :].any(-3)
+    return out
+
+
 class ClassMasker:
     """Turns per-label ray hits into vocabulary-ordered masks: anatomy = its label, group = union, tool = own.
 
@@ -34,8 +49,7 @@ class ClassMasker:
     def __init__(self, vocabulary: Vocabulary):
         self.vocabulary = vocabulary
         self.names = vocabulary.names
-        self._hiding_ids = {c.name: sorted({i for h in c.hidden_by for i in vocabulary.get(h).label_ids})
-                            for c in vocabulary.classes}
+        self._hiding = hiding_plan(vocabulary)
 
     def masks(self, hits: np.ndarray, tool_masks: dict[str, np.ndarray]) -> np.ndarray:
         n_labels = hits.shape[0]
@@ -48,10 +62,7 @@ class ClassMasker:
                 ids = _in_volume(cls.label_ids, n_labels)
                 if ids:
                     out[c] = hits[ids].any(0)
-                hiding = _in_volume(self._hiding_ids[cls.name], n_labels)
-                if hiding:
-                    out[c] &= ~hits[hiding].any(0)
-        return out
+        return apply_hiding(out, self._hiding)
 
 
 def render_view(ct: CTVolume, pose: CArmPose, size: int, masker: ClassMasker,

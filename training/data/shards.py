@@ -51,6 +51,11 @@ def write_shard(path: Path, images: np.ndarray, masks: np.ndarray) -> np.ndarray
     return present
 
 
+def unpack_masks(packed: np.ndarray, size: int) -> np.ndarray:
+    """Packed shard masks (..., C, size*size/8) uint8 -> bool (..., C, size, size): the inverse of write_shard's."""
+    return np.unpackbits(packed, axis=-1, count=size * size).reshape(*packed.shape[:-1], size, size).astype(bool)
+
+
 def write_manifest(root: Path, manifest: dict) -> None:
     _atomic_write(Path(root) / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
@@ -152,7 +157,7 @@ class ShardDataset(torch.utils.data.Dataset):
         shard = self._shard(self.manifest["shards"][item["shard"]]["file"])
         k, size = item["index"], self.image_size
         image = shard["images"][k].astype(np.float32)
-        masks = np.unpackbits(shard["masks"][k], axis=-1, count=size * size).reshape(-1, size, size).astype(bool)
+        masks = unpack_masks(shard["masks"][k], size)
         if self.augment:
             from .augment import anatomy_warp, domain_randomize
 
