@@ -269,3 +269,27 @@ def test_default_workers_skip_loader_processes_on_two_cores():
     assert default_workers(cuda, cpus=2) == 1 and default_workers(cuda, cpus=16) == 8
     assert default_workers(cuda, cpus=16, processes=8) == 1  # torchrun: 8 ranks share the node's cores
     assert default_workers(cpu, cpus=16, processes=8) == 0
+
+
+def test_train_refuses_shards_made_with_another_vocabulary(tmp_path, capsys):
+    """Masks follow the vocabulary they were made with (classes, hidden_by): training under another one's hash
+    is refused before any work; the vocabulary they were made with (--vocabulary FILE) matches."""
+    import argparse
+
+    from fluorosam_ros.paths import config_path
+    from training.train import add_arguments, main, vocabulary_mismatches
+
+    other = tmp_path / "other.yaml"
+    other.write_text(config_path("vocabulary.yaml").read_text() + "\n# edited\n")
+    other_sha = Vocabulary.load(other).sha256
+    data = tmp_path / "shards"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"vocabulary_sha256": other_sha}))
+    assert vocabulary_mismatches([str(data)], Vocabulary.load()) == [f"{data} (vocabulary {other_sha[:12]})"]
+    assert vocabulary_mismatches([str(data)], Vocabulary.load(other)) == []
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert main(parser.parse_args(["--data", str(data), "--out", str(tmp_path / "run")])) == 2
+    assert "made with another vocabulary" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

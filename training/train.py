@@ -656,10 +656,27 @@ def _save(model, out, optimizer, scaler, step, epoch, generator, options, model_
 
 
 # -------------------------------------------------------------------------------------------- CLI
+def vocabulary_mismatches(roots: list[str], vocabulary) -> list[str]:
+    """Shard folders whose manifest names another vocabulary: its classes and ``hidden_by`` rules made their
+    masks, and model.json would otherwise record the wrong vocabulary for the model."""
+    mismatched = []
+    for root in roots:
+        made_with = json.loads((Path(root) / "manifest.json").read_text()).get("vocabulary_sha256")
+        if made_with is not None and made_with != vocabulary.sha256:
+            mismatched.append(f"{root} (vocabulary {made_with[:12]})")
+    return mismatched
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainOptions()
     parser.add_argument("--config", default="tiny", help="model config name (tiny | base | large)")
     parser.add_argument("--data", action="append", required=True, help="shard folder (repeatable)")
+    parser.add_argument("--vocabulary", default=None,
+                        help="vocabulary YAML the shards were rendered or relabelled with (default: the package's "
+                             "config/vocabulary.yaml); its hash goes into model.json")
+    parser.add_argument("--allow-vocabulary-mismatch", action="store_true",
+                        help="train on shards made with another vocabulary (only when phrases changed, not classes "
+                             "or hidden_by rules: the masks must mean the same)")
     parser.add_argument("--val", help="held-out shard folder for periodic validation")
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument("--steps", type=int, default=d.steps)
@@ -711,11 +728,19 @@ def main(args: argparse.Namespace) -> int:
         print("fluorosam train: --device cuda requested but CUDA is not available", file=sys.stderr)
         return 2
     distributed = init_distributed(args.device)
-    vocabulary = Vocabulary.load()
-    for root in args.data + ([args.val] if args.val else []):
+    vocabulary = Vocabulary.load(args.vocabulary)
+    roots = args.data + ([args.val] if args.val else [])
+    for root in roots:
         if not (Path(root) / "manifest.json").exists():
             print(f"fluorosam train: no manifest.json in {root}", file=sys.stderr)
             return 2
+    mismatched = vocabulary_mismatches(roots, vocabulary)
+    if mismatched and not args.allow_vocabulary_mismatch:
+        print(f"fluorosam train: {', '.join(mismatched)} made with another vocabulary than "
+              f"{args.vocabulary or 'config/vocabulary.yaml'} ({vocabulary.sha256[:12]}); pass the one they were made "
+              "with (--vocabulary), relabel or render them again, or --allow-vocabulary-mismatch if only phrases "
+              "changed", file=sys.stderr)
+        return 2
     options = TrainOptions(
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
         prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob,
