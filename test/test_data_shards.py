@@ -210,6 +210,11 @@ def test_relabel_matches_a_fresh_render_with_the_new_vocabulary(tmp_path):
             c["hidden_by"] = ["liver", "spleen", "stomach", "colon"]
     diaphragm = tmp_path / "diaphragm.yaml"
     diaphragm.write_text(yaml.safe_dump(doc, sort_keys=False))
+    for c in doc["classes"]:
+        if c["name"] in ("left lung", "right lung", "lungs"):
+            c["hidden_by"] = ["liver"]
+    liver_only = tmp_path / "liver_only.yaml"
+    liver_only.write_text(yaml.safe_dump(doc, sort_keys=False))
     spec = [CTSpec("example", voxel_mm=8.0)]
     render_dataset(spec, tmp_path / "old", views=3, size=64, seed=21, shard_size=2, vocabulary=str(plain),
                    progress=False)
@@ -219,6 +224,8 @@ def test_relabel_matches_a_fresh_render_with_the_new_vocabulary(tmp_path):
 
     assert relabelled["vocabulary_sha256"] == Vocabulary.load(diaphragm).sha256 == fresh["vocabulary_sha256"]
     assert relabelled["items"] == fresh["items"] and relabelled["shards"] == fresh["shards"]
+    assert relabelled["hidden_by"] == fresh["hidden_by"] == {n: ["liver", "spleen", "stomach", "colon"]
+                                                             for n in ("left lung", "right lung", "lungs")}
     old, new, again = (ShardDataset(tmp_path / d) for d in ("old", "new", "fresh"))
     lung = old.classes.index("left lung")
     cut = 0
@@ -230,3 +237,8 @@ def test_relabel_matches_a_fresh_render_with_the_new_vocabulary(tmp_path):
         relabel_dataset(tmp_path / "old", tmp_path / "again", vocabulary=str(plain), progress=False)
     with pytest.raises(ValueError, match="must differ"):
         relabel_dataset(tmp_path / "old", tmp_path / "old", vocabulary=str(diaphragm), progress=False)
+    # The relabelled folder records its rules: dropping one of them cannot be done by relabelling.
+    with pytest.raises(ValueError, match="left lung by spleen.*cannot come back"):
+        relabel_dataset(tmp_path / "new", tmp_path / "fewer", vocabulary=str(liver_only), progress=False)
+    assert relabel_dataset(tmp_path / "old", tmp_path / "liver", vocabulary=str(liver_only),
+                           progress=False)["hidden_by"]["lungs"] == ["liver"]

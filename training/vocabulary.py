@@ -111,6 +111,11 @@ class Vocabulary:
         except KeyError:
             raise KeyError(f"{name!r} is not a vocabulary class") from None
 
+    @property
+    def hiding_rules(self) -> dict[str, list[str]]:
+        """Class name -> the classes that hide it, for every class with ``hidden_by`` (recorded in manifests)."""
+        return {c.name: list(c.hidden_by) for c in self.classes if c.hidden_by}
+
     def training_phrases(self, name: str) -> list[str]:
         """Name and synonyms, each inside every training template; deduplicated after normalization."""
         c = self.get(name)

@@ -162,7 +162,7 @@ def render_dataset(cts: list[CTSpec], out: str | Path, views: int, size: int, se
     settings = {"views": views, "seed": seed, "shard_size": shard_size, "tool_probability": tool_probability,
                 "cts": [asdict(c) for c in cts]}
     jobs = plan_jobs(cts, out, views, size, seed, shard_size, tool_probability, vocabulary)
-    manifest = new_manifest(size, vocab.names, vocab.sha256, settings)
+    manifest = new_manifest(size, vocab.names, vocab.sha256, settings, vocab.hiding_rules)
     if (out / MANIFEST).exists():
         old = read_manifest(out)
         same = (old.get("render") == settings and old["image_size"] == size and old["classes"] == vocab.names

@@ -8,7 +8,8 @@ bit-identical to a fresh render with the new vocabulary, provided that
 - the source was rendered with the same class list (names and order), and
 - every hiding class is stored as its plain projection (it has no ``hidden_by`` itself), and
 - the source's own ``hidden_by`` rules are a subset of the new ones (removing pixels cannot be undone;
-  applying a rule twice changes nothing).
+  applying a rule twice changes nothing). Checked against the rules the source's manifest records; older
+  manifests do not record them, and then this condition is the user's to keep.
 """
 from __future__ import annotations
 
@@ -48,8 +49,13 @@ def relabel_dataset(src: str | Path, out: str | Path, vocabulary: str | None = N
     if not plan:
         raise ValueError("the vocabulary has no hidden_by rules: nothing to relabel")
     _check_hiders_are_plain(vocab)
+    lost = [f"{name} by {hider}" for name, hiders in manifest.get("hidden_by", {}).items() for hider in hiders
+            if hider not in vocab.hiding_rules.get(name, [])]
+    if lost:
+        raise ValueError(f"{src} already hides {', '.join(lost)}, which the new vocabulary does not: removed pixels "
+                         "cannot come back, render again instead")
     out.mkdir(parents=True, exist_ok=True)
-    new = dict(manifest, vocabulary_sha256=vocab.sha256,
+    new = dict(manifest, vocabulary_sha256=vocab.sha256, hidden_by=vocab.hiding_rules,
                relabeled_from={"data": str(src.resolve()), "vocabulary_sha256": manifest["vocabulary_sha256"]})
     present = []
     for shard in tqdm(manifest["shards"], unit="shard", desc="relabel", disable=not progress):

@@ -70,9 +70,12 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
-def new_manifest(image_size: int, classes: list[str], vocabulary_sha256: str, render: dict) -> dict:
+def new_manifest(image_size: int, classes: list[str], vocabulary_sha256: str, render: dict,
+                 hidden_by: dict[str, list[str]] | None = None) -> dict:
+    """``hidden_by``: the vocabulary's hiding rules the masks were made with (what relabelling checks against)."""
     return {"version": MANIFEST_VERSION, "image_size": image_size, "classes": list(classes),
-            "vocabulary_sha256": vocabulary_sha256, "render": render, "shards": [], "items": []}
+            "vocabulary_sha256": vocabulary_sha256, "hidden_by": dict(hidden_by or {}), "render": render,
+            "shards": [], "items": []}
 
 
 def add_shard(manifest: dict, file: str, ct_id: str, items: list[dict]) -> None:
