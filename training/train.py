@@ -41,6 +41,7 @@ from training.evaluate import next_click
 from training.losses import mask_iou, multimask_loss, supervised_contrastive_loss
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
 from training.model.config import FluoroSAMConfig
+from training.vocabulary import Vocabulary
 
 TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -656,7 +657,7 @@ def _save(model, out, optimizer, scaler, step, epoch, generator, options, model_
 
 
 # -------------------------------------------------------------------------------------------- CLI
-def vocabulary_mismatches(roots: list[str], vocabulary) -> list[str]:
+def vocabulary_mismatches(roots: list[str], vocabulary: Vocabulary) -> list[str]:
     """Shard folders whose manifest names another vocabulary: its classes and ``hidden_by`` rules made their
     masks, and model.json would otherwise record the wrong vocabulary for the model."""
     mismatched = []
@@ -722,7 +723,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from training.data.shards import ShardDataset
-    from training.vocabulary import Vocabulary
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("fluorosam train: --device cuda requested but CUDA is not available", file=sys.stderr)

@@ -49,13 +49,14 @@ def relabel_dataset(src: str | Path, out: str | Path, vocabulary: str | None = N
     if not plan:
         raise ValueError("the vocabulary has no hidden_by rules: nothing to relabel")
     _check_hiders_are_plain(vocab)
+    rules = vocab.hiding_rules
     lost = [f"{name} by {hider}" for name, hiders in manifest.get("hidden_by", {}).items() for hider in hiders
-            if hider not in vocab.hiding_rules.get(name, [])]
+            if hider not in rules.get(name, [])]
     if lost:
         raise ValueError(f"{src} already hides {', '.join(lost)}, which the new vocabulary does not: removed pixels "
                          "cannot come back, render again instead")
     out.mkdir(parents=True, exist_ok=True)
-    new = dict(manifest, vocabulary_sha256=vocab.sha256, hidden_by=vocab.hiding_rules,
+    new = dict(manifest, vocabulary_sha256=vocab.sha256, hidden_by=rules,
                relabeled_from={"data": str(src.resolve()), "vocabulary_sha256": manifest["vocabulary_sha256"]})
     present = []
     for shard in tqdm(manifest["shards"], unit="shard", desc="relabel", disable=not progress):

@@ -28,7 +28,7 @@ def _in_volume(label_ids, n_labels: int) -> list[int]:
 def hiding_plan(vocabulary: Vocabulary) -> dict[int, list[int]]:
     """Class index -> indices of the classes that hide it, for every class with ``hidden_by``."""
     index = {name: i for i, name in enumerate(vocabulary.names)}
-    return {index[c.name]: [index[h] for h in c.hidden_by] for c in vocabulary.classes if c.hidden_by}
+    return {index[name]: [index[h] for h in hiders] for name, hiders in vocabulary.hiding_rules.items()}
 
 
 def apply_hiding(masks: np.ndarray, plan: dict[int, list[int]]) -> np.ndarray:
