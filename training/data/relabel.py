@@ -23,12 +23,12 @@ from .render import apply_hiding, hiding_plan
 from .shards import read_manifest, unpack_masks, write_manifest, write_shard
 
 
-def _check_hiders_are_plain(vocab: Vocabulary) -> None:
+def _check_hiders_are_plain(rules: dict[str, list[str]]) -> None:
     """A render stores a hiding class after its own hiding: relabelling can only use plain projections."""
-    for c in vocab.classes:
-        for name in c.hidden_by:
-            if vocab.get(name).hidden_by:
-                raise ValueError(f"class {c.name!r} is hidden by {name!r}, which is itself hidden_by other classes: "
+    for name, hiders in rules.items():
+        for hider in hiders:
+            if hider in rules:
+                raise ValueError(f"class {name!r} is hidden by {hider!r}, which is itself hidden_by other classes: "
                                  "its stored mask is not its plain projection, so relabelling would not match a render")
 
 
@@ -48,8 +48,8 @@ def relabel_dataset(src: str | Path, out: str | Path, vocabulary: str | None = N
     plan = hiding_plan(vocab)
     if not plan:
         raise ValueError("the vocabulary has no hidden_by rules: nothing to relabel")
-    _check_hiders_are_plain(vocab)
     rules = vocab.hiding_rules
+    _check_hiders_are_plain(rules)
     lost = [f"{name} by {hider}" for name, hiders in manifest.get("hidden_by", {}).items() for hider in hiders
             if hider not in rules.get(name, [])]
     if lost:
