@@ -89,13 +89,15 @@ def test_deepest_clicks_follow_evaluation_rule_only_where_chosen():
     assert torch.equal(perfect, coords)  # nothing to fix: the uniform fallback click stays
 
 
+@pytest.mark.parametrize("loss_resolution", ["input", "decoder"])
 @pytest.mark.parametrize("feedback", ["best", "predicted"])
-def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback):
+def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback, loss_resolution):
     """2 click rounds + 1 mask-only round: 3 decodes after text, one keeping the click count, each fed
     the previous round's mask chosen as ``feedback`` says."""
     torch.manual_seed(0)
     model = FluoroSAM(MINI)
-    step = TrainingStep(model, _options(mask_only_rounds=1, feedback=feedback), torch.Generator().manual_seed(0))
+    step = TrainingStep(model, _options(mask_only_rounds=1, feedback=feedback, loss_resolution=loss_resolution),
+                        torch.Generator().manual_seed(0))
     calls = []
     decode = model.decode
 
@@ -116,19 +118,60 @@ def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback):
     assert sorted(counts[1:]) in ([0, 1, 2], [1, 1, 2], [1, 2, 2])  # one round adds no click
     assert counts[-1] == 2 and all(b - a in (0, 1) for a, b in zip(counts, counts[1:]))
     factor = MINI.image_size // MINI.mask_hw
-    targets = torch.nn.functional.avg_pool2d(masks[[0, 0], [0, 2]][:, None].float(), factor)[:, 0]
+    targets = masks[[0, 0], [0, 2]].float()
+    if loss_resolution == "decoder":
+        targets = torch.nn.functional.avg_pool2d(targets[:, None], factor)[:, 0]
     for (_, _, logits, iou), (_, fed, _, _) in zip(calls, calls[1:]):
         if feedback == "predicted":
             expected = FluoroSAM.best_mask(logits, iou)[0]
         else:
-            best_index = multimask_loss(logits, iou, targets, 20.0, 0.5)["best_index"]
+            scored = model.upsample_to_input(logits) if loss_resolution == "input" else logits
+            best_index = multimask_loss(scored, iou, targets, 20.0, 0.5)["best_index"]
             expected = logits[torch.arange(2), best_index]
         assert torch.equal(fed[:, 0], expected)
 
 
-def test_unknown_feedback_is_refused():
+def test_unknown_feedback_or_loss_resolution_is_refused():
     with pytest.raises(ValueError, match="feedback"):
         TrainingStep(FluoroSAM(MINI), _options(feedback="oracle"), torch.Generator())
+    with pytest.raises(ValueError, match="loss_resolution"):
+        TrainingStep(FluoroSAM(MINI), _options(loss_resolution="full"), torch.Generator())
+
+
+def test_tool_prompts_come_on_top_of_area_weighted_ones():
+    """A 30-px tool among large classes is prompted on every image that shows it, once, and never twice."""
+    area = torch.tensor([[9000, 8000, 30, 0, 7000], [9000, 8000, 0, 0, 7000]])
+    is_tool = torch.tensor([False, False, True, True, False])
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        image_index, class_index = sample_prompts(area, 1, 0, g, is_tool, boosted_per_image=1)
+        pairs = list(zip(image_index.tolist(), class_index.tolist()))
+        assert pairs.count((0, 2)) == 1 and len(pairs) == 3  # image 0: the tool + one weighted draw
+        assert [c for b, c in pairs if b == 1] != [3]  # an absent tool is not "present"
+    g = torch.Generator().manual_seed(0)
+    hits = sum((0, 2) in zip(*(t.tolist() for t in sample_prompts(area, 1, 0, g, is_tool, 0))) for _ in range(50))
+    assert hits < 10  # without the boost sqrt(area) rarely picks it
+
+
+@pytest.mark.parametrize("loss_resolution, sees_line", [("input", True), ("decoder", False)])
+def test_thin_tool_is_only_seen_by_the_input_resolution_loss(loss_resolution, sees_line):
+    """A 2-px wire straddling two decoder cells is 0.25 coverage there: the decoder-resolution target is
+    empty, so a mask drawn over the wire scores IoU 0 and is pushed away; at input resolution it counts."""
+    config = dataclasses.replace(MINI, swin_depths=(1, 1, 1, 1), swin_heads=(1, 2, 4, 8), embed_stride=16)
+    torch.manual_seed(0)
+    model = FluoroSAM(config)
+    size, factor = config.image_size, config.image_size // config.mask_hw
+    assert factor == 4  # SAM's (and the tiny default's) decoder grid: 4 input pixels per cell
+    masks = torch.zeros(1, 1, size, size, dtype=torch.bool)
+    masks[0, 0, :, 11:13] = True  # the wire: columns 11-12, half in cell 2, half in cell 3
+    drawn = torch.full((1, 3, config.mask_hw, config.mask_hw), -10.0)
+    drawn[..., 2:4] = 10.0  # every mask covers the decoder cells the wire crosses
+
+    model.decode = lambda *args, **kwargs: (drawn, torch.zeros(1, 3))
+    step = TrainingStep(model, _options(loss_resolution=loss_resolution), torch.Generator().manual_seed(0))
+    out = step(torch.zeros(1, 1, size, size), masks, torch.tensor([0]), torch.tensor([0]),
+               torch.randn(1, config.text_dim), torch.randn(8, config.text_dim), torch.arange(8) % 4, 0)
+    assert bool(out["iou_text"] > 0.1) is sees_line
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ VAL_PROMPTS_PER_IMAGE = 16
 
 # Masks a round can feed back to the next: the lowest-loss one (an oracle) or the IoU head's pick.
 FEEDBACK_CHOICES = ("best", "predicted")
+LOSS_RESOLUTIONS = ("input", "decoder")
 
 
 @dataclass
@@ -63,6 +64,13 @@ class TrainOptions:
     grad_clip: float = 1.0
     prompts_per_image: int = 4
     absent_per_image: int = 1
+    # Present tool classes (guidewire, catheter, screw...) prompted per image on top of the others: at a few
+    # hundred pixels among ~100 present anatomy classes, sqrt(area) weighting asks for a tool ~1 % of the time.
+    tool_prompts_per_image: int = 1
+    # Where the mask loss is computed: "input" upsamples the logits to the model input, as evaluation and
+    # the node do (a 2-px guidewire is a 0.5-coverage stripe on the decoder's 4-px grid); "decoder" is the
+    # cheaper low-resolution loss against area-averaged targets that the default's stages 1-7 used.
+    loss_resolution: str = "input"
     interactive_prob: float = 0.5
     # Chance that a training click follows evaluation's rule (interior-most pixel of the larger error
     # region) instead of a uniform draw from the error region; 0 is SAM's training recipe.
@@ -202,15 +210,25 @@ class _Collate:
         return prepare_batch(items, self.image_size, self.crop_prob, self.seed)
 
 
-def sample_prompts(area: Tensor, prompts_per_image: int, absent_per_image: int,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def sample_prompts(area: Tensor, prompts_per_image: int, absent_per_image: int, generator: torch.Generator,
+                   boosted: Tensor | None = None, boosted_per_image: int = 0) -> tuple[Tensor, Tensor]:
     """Pick (image index, class index) pairs: present classes weighted by sqrt(area), plus absent ones.
 
-    sqrt(area) favours the large structures users ask for without starving small ones.
+    sqrt(area) favours the large structures users ask for without starving small ones. ``boosted`` (bool per
+    class) marks classes of which up to ``boosted_per_image`` present ones are drawn first, uniformly, on top
+    of the ``prompts_per_image`` weighted draws (the tools: thin, rare and asked for by name).
     """
     image_index, class_index = [], []
     for b in range(area.shape[0]):
-        present = torch.nonzero(area[b] >= MIN_PROMPT_PIXELS).flatten()
+        is_present = area[b] >= MIN_PROMPT_PIXELS
+        if boosted is not None and boosted_per_image:
+            candidates = torch.nonzero(is_present & boosted).flatten()
+            chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:boosted_per_image]]
+            image_index += [b] * chosen.numel()
+            class_index += chosen.tolist()
+            is_present = is_present.clone()
+            is_present[chosen] = False
+        present = torch.nonzero(is_present).flatten()
         absent = torch.nonzero(area[b] == 0).flatten()
         if present.numel():
             k = min(prompts_per_image, present.numel())
@@ -271,6 +289,8 @@ class TrainingStep(nn.Module):
         super().__init__()
         if options.feedback not in FEEDBACK_CHOICES:
             raise ValueError(f"feedback must be one of {FEEDBACK_CHOICES}, not {options.feedback!r}")
+        if options.loss_resolution not in LOSS_RESOLUTIONS:
+            raise ValueError(f"loss_resolution must be one of {LOSS_RESOLUTIONS}, not {options.loss_resolution!r}")
         self.model = model
         self.options = options
         self.generator = generator  # CPU generator for the corrective clicks
@@ -288,12 +308,18 @@ class TrainingStep(nn.Module):
         tokens = quantized[:n_prompts]
 
         embeddings = tuple(e[image_index] for e in model.encode_image(images))
-        # Loss at the decoder's resolution (4x the embedding) against area-averaged soft targets:
-        # the decoder is most of a step's cost, upsampling every prompt's 3 masks would add more.
-        factor = model.config.image_size // model.config.mask_hw
-        targets = F.avg_pool2d(masks[image_index, class_index][:, None].float(), factor)[:, 0]
+        if options.loss_resolution == "input":
+            # Loss and clicks over the model input, on logits upsampled as evaluation and the node do.
+            targets = masks[image_index, class_index].float()
+            scored, to_input_px = model.upsample_to_input, (lambda xy: xy)
+        else:
+            # Decoder resolution (4x the embedding) against area-averaged soft targets: cheaper, but a
+            # structure under half a low-resolution pixel wide never reaches coverage 0.5.
+            factor = model.config.image_size // model.config.mask_hw
+            targets = F.avg_pool2d(masks[image_index, class_index][:, None].float(), factor)[:, 0]
+            scored, to_input_px = (lambda x: x), (lambda xy: xy * factor + (factor - 1) / 2)
         logits, iou_pred = model.decode(embeddings, tokens)
-        first = multimask_loss(logits, iou_pred, targets, options.focal_weight, options.focal_alpha)
+        first = multimask_loss(scored(logits), iou_pred, targets, options.focal_weight, options.focal_alpha)
         loss = first["mask"] + first["iou_head"]
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
                "iou_text": first["best_iou"]}
@@ -307,15 +333,16 @@ class TrainingStep(nn.Module):
             rounds = [rounds[i] for i in torch.randperm(len(rounds), generator=generator).tolist()]
             for adds_click in rounds:
                 if adds_click:
-                    pred_low, target_low = prev_low[:, 0] > 0, targets >= 0.5
-                    click, label = sample_error_points(pred_low, target_low, 1, generator)
+                    pred, target = scored(prev_low)[:, 0] > 0, targets >= 0.5
+                    click, label = sample_error_points(pred, target, 1, generator)
                     if options.deepest_click_prob:
                         chosen = torch.rand(n_prompts, generator=generator) < options.deepest_click_prob
-                        click, label = with_deepest_clicks(pred_low, target_low, click, label, chosen)
-                    coords = torch.cat([coords, click * factor + (factor - 1) / 2], 1)  # low-res px -> input px
+                        click, label = with_deepest_clicks(pred, target, click, label, chosen)
+                    coords = torch.cat([coords, to_input_px(click)], 1)
                     labels = torch.cat([labels, label], 1)
                 logits_k, iou_k = model.decode(embeddings, tokens, coords, labels, prev_low)
-                round_loss = multimask_loss(logits_k, iou_k, targets, options.focal_weight, options.focal_alpha)
+                round_loss = multimask_loss(scored(logits_k), iou_k, targets, options.focal_weight,
+                                            options.focal_alpha)
                 loss = loss + (round_loss["mask"] + round_loss["iou_head"]) / len(rounds)
                 prev_low = self._feedback(logits_k, iou_k, round_loss["best_index"])
             out["iou_points"] = round_loss["best_iou"]
@@ -512,6 +539,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
                       f"{len(skipped)} left at random init ({listed})")
     model.to(device)
     bank = PhraseBank(model, vocabulary, class_names)
+    is_tool = torch.tensor([vocabulary.get(name).kind == "tool" for name in class_names])
     if not resume and not options.init_from:
         with torch.no_grad():
             model.quantizer.initialize(model.project_text(bank.class_centroids().to(device)))
@@ -577,7 +605,8 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, options)
             image_index, class_index = sample_prompts(batch["area"], options.prompts_per_image,
-                                                      options.absent_per_image, generator)
+                                                      options.absent_per_image, generator, is_tool,
+                                                      options.tool_prompts_per_image)
             prompt_emb = bank.sample_for_classes(class_index, generator)
             text_emb, text_labels = bank.sample_batch(options.text_batch, generator)
             interactive = 0
@@ -686,6 +715,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--warmup", type=int, default=d.warmup_steps)
     parser.add_argument("--prompts-per-image", type=int, default=d.prompts_per_image)
+    parser.add_argument("--tool-prompts-per-image", type=int, default=d.tool_prompts_per_image,
+                        help="present tool classes prompted per image on top of --prompts-per-image (tools are "
+                             "small: area-weighted sampling alone rarely asks for one)")
+    parser.add_argument("--loss-resolution", choices=LOSS_RESOLUTIONS, default=d.loss_resolution,
+                        help="mask loss over the model input (logits upsampled, as evaluated; thin tools need it) "
+                             "or at the decoder's 4x-embedding grid (cheaper, area-averaged targets)")
     parser.add_argument("--interactive-prob", type=float, default=d.interactive_prob)
     parser.add_argument("--deepest-click-prob", type=float, default=d.deepest_click_prob,
                         help="chance a training click goes where evaluation clicks (deepest point of the "
@@ -743,7 +778,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     options = TrainOptions(
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
-        prompts_per_image=args.prompts_per_image, interactive_prob=args.interactive_prob,
+        prompts_per_image=args.prompts_per_image, tool_prompts_per_image=args.tool_prompts_per_image,
+        loss_resolution=args.loss_resolution, interactive_prob=args.interactive_prob,
         deepest_click_prob=args.deepest_click_prob, mask_only_rounds=args.mask_only_rounds,
         feedback=args.feedback, seed=args.seed,
         crop_prob=args.crop_prob, warp_prob=args.warp_prob, focal_weight=args.focal_weight,
