@@ -132,6 +132,30 @@ def test_high_res_features_start_silent_then_shape_the_masks(tmp_path):
     assert (after - before).abs().max() > 1e-2
 
 
+def test_mask_aware_iou_head_reads_each_mask_and_leaves_the_masks_alone():
+    """Same IoU token, other masks -> other predicted IoU (SAM's head cannot tell); no gradient reaches the
+    masks or features, and one shared feature map scores like a copy per prompt."""
+    torch.manual_seed(4)
+    head = FluoroSAM(MINI).mask_decoder.iou_prediction_head
+    side, channels = MINI.mask_hw, MINI.embed_dim // 8
+    token = torch.randn(2, MINI.embed_dim)
+    features = torch.randn(1, channels, side, side, requires_grad=True)
+    logits = torch.randn(2, 4, side, side, requires_grad=True)
+    scores = head(token, logits, features)
+    assert scores.shape == (2, 4)
+    assert (scores - head(token, -logits, features)).abs().max() > 1e-4
+    scores.sum().backward()
+    assert logits.grad is None and features.grad is None
+    assert all(p.grad is not None for p in head.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(head(token, logits, features),
+                                   head(token, logits, features.expand(2, -1, -1, -1).clone()))
+    token_only = FluoroSAM(dataclasses.replace(MINI, mask_aware_iou_head=False)).eval()
+    with torch.no_grad():
+        masks, iou = token_only.decode(_random_embeddings(MINI), torch.randn(2, MINI.embed_dim))
+    assert iou.shape == (2, 3) and masks.shape == (2, 3, side, side)
+
+
 def test_vector_quantizer_straight_through_and_restart():
     torch.manual_seed(0)
     vq = VectorQuantizer(8, 4).train()

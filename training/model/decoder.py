@@ -7,15 +7,60 @@ Training batches several images, each with several prompts, so here the embeddin
 
 ``high_res_features`` (SAM 2's decoder): feature maps at 2x and 4x the embedding grid, added after
 each transposed convolution of the mask upscaling, also one per prompt or one shared.
+
+``mask_aware_iou``: SAM's IoU head reads only the IoU token, which never sees the masks it scores; on
+X-rays it picked the best of the 3 masks little better than always taking the second one. The
+mask-aware head (ours) also reads, per mask, the decoder's upscaled features averaged inside and
+outside the soft mask, its area and its stability (area at logit > 1 over area at logit > -1).
 """
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling.mask_decoder import MaskDecoder
-from torch import Tensor
+from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
+from torch import Tensor, nn
+
+
+class MaskAwareIoUHead(nn.Module):
+    """Predicted IoU of each mask from the IoU token plus pooled statistics of that mask.
+
+    The masks and features enter detached: the head judges the masks and must not reshape them to be
+    easier to judge.
+    """
+
+    def __init__(self, token_dim: int, feature_dim: int, num_masks: int, hidden_dim: int, depth: int = 3) -> None:
+        super().__init__()
+        self.num_masks = num_masks
+        self.mlp = MLP(token_dim + 2 * feature_dim + 2 + num_masks, hidden_dim, 1, depth)
+
+    def forward(self, iou_token: Tensor, mask_logits: Tensor, features: Tensor) -> Tensor:
+        """iou_token (N, D), mask_logits (N, K, h, w), features (N or 1, C, h, w) -> (N, K)."""
+        n, k = mask_logits.shape[:2]
+        logits = mask_logits.detach().flatten(2)
+        prob = logits.sigmoid()
+        feats = features.detach().flatten(2)  # (N or 1, C, P)
+        pixels = logits.shape[-1]
+        area = prob.sum(-1, keepdim=True)
+        inside_sum = prob @ feats.transpose(1, 2)  # (N, K, C), broadcasting a shared feature map
+        outside_sum = feats.sum(-1)[:, None] - inside_sum
+        inside = inside_sum / area.clamp_min(1e-3)
+        outside = outside_sum / (pixels - area).clamp_min(1e-3)
+        stability = ((logits > 1).sum(-1, keepdim=True).float() + 1) / ((logits > -1).sum(-1, keepdim=True).float() + 1)
+        index = torch.eye(k, dtype=prob.dtype, device=prob.device).expand(n, k, k)
+        x = torch.cat([iou_token[:, None].expand(n, k, -1).to(prob.dtype), inside, outside, area / pixels, stability,
+                       index], dim=-1)
+        return self.mlp(x)[..., 0]
 
 
 class BatchedMaskDecoder(MaskDecoder):
+    def __init__(self, *args, mask_aware_iou: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mask_aware_iou = mask_aware_iou
+        if mask_aware_iou:
+            dim = kwargs["transformer_dim"]
+            self.iou_prediction_head = MaskAwareIoUHead(dim, dim // 8, self.num_mask_tokens,
+                                                        kwargs.get("iou_head_hidden_dim", 256),
+                                                        kwargs.get("iou_head_depth", 3))
+
     def predict_masks(self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
                       dense_prompt_embeddings: Tensor,
                       high_res_features: tuple[Tensor, ...] = ()) -> tuple[Tensor, Tensor]:
@@ -48,5 +93,8 @@ class BatchedMaskDecoder(MaskDecoder):
                                dim=1)
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        iou_pred = self.iou_prediction_head(iou_token_out)
+        if self.mask_aware_iou:
+            iou_pred = self.iou_prediction_head(iou_token_out, masks, upscaled)
+        else:
+            iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred

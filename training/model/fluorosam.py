@@ -33,7 +33,7 @@ class FluoroSAM(nn.Module):
             transformer=TwoWayTransformer(depth=config.decoder_depth, embedding_dim=dim,
                                           num_heads=config.decoder_heads, mlp_dim=config.decoder_mlp_dim),
             num_multimask_outputs=config.num_multimask_outputs, iou_head_depth=3,
-            iou_head_hidden_dim=config.iou_head_hidden_dim)
+            iou_head_hidden_dim=config.iou_head_hidden_dim, mask_aware_iou=config.mask_aware_iou_head)
         # Sentence embeddings of every training phrase (float16), for the vocabulary-similarity OOV score.
         self.register_buffer("phrase_table", torch.zeros(0, config.text_dim, dtype=torch.float16))
         # Calibrated OOV thresholds (from model.json); the defaults refuse nothing.
