@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("training.data.cli", "render synthetic X-rays, export eval sets"),
     "train": ("training.train", "train a FluoroSAM model"),
+    "fit-iou-head": ("training.iou_head", "fit the mask-aware IoU head alone on a frozen model"),
     "evaluate": ("training.evaluate", "evaluate a model on an eval-set folder"),
     "export": ("engine.export", "export a checkpoint to ONNX"),
     "build-engine": ("engine.build", "build TensorRT FP16 engines from the ONNX (GPU machines)"),

@@ -303,21 +303,6 @@ def test_warm_start_copies_matching_tensors_only(tmp_path):
         warm_start(target, tmp_path / "other")
 
 
-@pytest.mark.slow
-def test_train_only_iou_head_changes_the_head_and_nothing_else(tmp_path):
-    vocabulary = Vocabulary.load()
-    run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path / "base", _options(steps=6))
-    run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path / "head",
-                 _options(steps=6, train_only="iou-head", init_from=str(tmp_path / "base"), interactive_prob=1.0))
-    before = dict(load_checkpoint(tmp_path / "base")[0].named_parameters())
-    after = dict(load_checkpoint(tmp_path / "head")[0].named_parameters())
-    head = {name for name in after if name.startswith("mask_decoder.iou_prediction_head.")}
-    assert head and all(not torch.equal(after[name], before[name]) for name in head)
-    assert all(torch.equal(after[name], before[name]) for name in after if name not in head)
-    with pytest.raises(ValueError, match="train_only"):
-        run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path / "bad", _options(train_only="masks"))
-
-
 def test_default_workers_skip_loader_processes_on_two_cores():
     from training.train import default_workers
 

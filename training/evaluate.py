@@ -54,9 +54,16 @@ def _read_png(path: Path) -> np.ndarray:
     return array
 
 
+def _chosen(total: int, max_items: int | None, spread: bool) -> list[int]:
+    if max_items is None or max_items >= total:
+        return list(range(total))
+    return np.linspace(0, total - 1, max_items).astype(int).tolist() if spread else list(range(max_items))
+
+
 def load_eval_items(folder: str | Path, classes: list[str] | None = None,
-                    max_items: int | None = None) -> Iterator[EvalItem]:
-    """Items of an eval-set folder or a shard folder (detected by its manifest's ``shards`` key)."""
+                    max_items: int | None = None, spread: bool = False) -> Iterator[EvalItem]:
+    """Items of an eval-set folder or a shard folder (detected by its manifest's ``shards`` key): the first
+    ``max_items``, or with ``spread`` that many evenly spaced over the folder (renders are ordered by pose)."""
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
@@ -67,8 +74,7 @@ def load_eval_items(folder: str | Path, classes: list[str] | None = None,
         from training.data.shards import ShardDataset
 
         dataset = ShardDataset(folder, augment=False)
-        n = len(dataset) if max_items is None else min(max_items, len(dataset))
-        for i in range(n):
+        for i in _chosen(len(dataset), max_items, spread):
             item = dataset[i]
             masks = {name: item["masks"][c] for c, name in enumerate(dataset.classes)
                      if item["present"][c] and (wanted is None or name in wanted)}
@@ -76,7 +82,8 @@ def load_eval_items(folder: str | Path, classes: list[str] | None = None,
         return
     if "items" not in manifest:
         raise ValueError(f"{manifest_path}: expected an 'items' list (eval-set) or 'shards' (shard folder)")
-    for i, entry in enumerate(manifest["items"][:max_items]):
+    for i in _chosen(len(manifest["items"]), max_items, spread):
+        entry = manifest["items"][i]
         image = _read_png(folder / entry["image"])
         masks = {}
         for prompt, rel in entry["masks"].items():

@@ -81,9 +81,6 @@ class TrainOptions:
     # Which of the 3 masks is fed back as the dense prompt: "best" (lowest loss against the target,
     # an oracle) or "predicted" (highest predicted IoU: what evaluation and the node feed back).
     feedback: str = "best"
-    # Which weights learn: "all", or "iou-head" (everything else frozen and in eval mode, so the head is
-    # fitted to the masks the model actually makes: a cheap stage after changing the head).
-    train_only: str = "all"
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     warp_prob: float = 0.0  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
@@ -421,6 +418,7 @@ def quick_validate(model: FluoroSAM, dataset: Dataset, class_names: list[str], m
         ious = mask_iou(pred.cpu(), batch["masks"][0, present])
         for c, v in zip(present.tolist(), ious.tolist()):
             per_class.setdefault(class_names[c], []).append(v)
+    model.train()
     means = {k: float(np.mean(v)) for k, v in per_class.items()}
     return {"val_mean_iou": float(np.mean(list(means.values()))) if means else float("nan"),
             "val_per_class": means, "val_classes": len(means), "val_items": min(max_items, len(dataset))}
@@ -486,28 +484,6 @@ def checkpoint_provenance(checkpoint_dir: str | os.PathLike) -> dict:
             "config": meta.get("config"), "training": meta.get("training")}
 
 
-TRAIN_ONLY_CHOICES = ("all", "iou-head")
-
-
-def set_trainable(model: FluoroSAM, train_only: str) -> list[nn.Parameter]:
-    """Freeze what ``train_only`` leaves out; returns the parameters that learn."""
-    if train_only not in TRAIN_ONLY_CHOICES:
-        raise ValueError(f"train_only must be one of {TRAIN_ONLY_CHOICES}, not {train_only!r}")
-    prefix = "" if train_only == "all" else "mask_decoder.iou_prediction_head."
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefix))
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def set_training_mode(model: FluoroSAM, train_only: str) -> None:
-    """Training mode for what learns; frozen parts run as at inference (no drop path, no VQ updates)."""
-    if train_only == "all":
-        model.train()
-    else:
-        model.eval()
-        model.mask_decoder.iou_prediction_head.train()
-
-
 def warm_start(model: FluoroSAM, checkpoint_dir: str | os.PathLike) -> tuple[int, list[str]]:
     """Copy every tensor of another checkpoint whose name and shape match (e.g. a model of a changed
     config); returns (tensors loaded, names left at their initialization). The phrase table is not
@@ -562,7 +538,6 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
                 print(f"warm start from {options.init_from}: {loaded} tensors loaded, "
                       f"{len(skipped)} left at random init ({listed})")
     model.to(device)
-    trainable = set_trainable(model, options.train_only)
     bank = PhraseBank(model, vocabulary, class_names)
     is_tool = torch.tensor([vocabulary.get(name).kind == "tool" for name in class_names])
     if not resume and not options.init_from:
@@ -580,8 +555,6 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
             find_unused_parameters=True, broadcast_buffers=False)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         (no_decay if p.ndim <= 1 or "relative_position_bias_table" in name or "codebook" in name
          else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
@@ -611,7 +584,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     bar = tqdm(total=options.steps, initial=start_step, disable=rank != 0, unit="step", dynamic_ncols=True,
                desc="train")
     running: dict[str, float] = {}
-    set_training_mode(model, options.train_only)
+    model.train()
     while step < options.steps:
         if epoch > 0:
             dataset = make_train_dataset(epoch)
@@ -646,12 +619,12 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(result["loss"]).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, options.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             step += 1
             samples_seen += batch["images"].shape[0] * world
-            if options.restart_every and step % options.restart_every == 0 and options.train_only == "all":
+            if options.restart_every and step % options.restart_every == 0:
                 model.quantizer.restart_dead_codes(result["_vectors"])
                 if world > 1:  # every replica must keep rank 0's codebook
                     dist.broadcast(model.quantizer.codebook.data, 0)
@@ -681,7 +654,6 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
                 last.update(val)
                 tqdm.write(f"step {step}: val text-only mean IoU {val['val_mean_iou']:.3f} "
                            f"over {val['val_classes']} classes")
-                set_training_mode(model, options.train_only)
             if rank == 0 and (step % options.save_every == 0 or step == options.steps):
                 _save(model, out, optimizer, scaler, step, epoch, generator, options, model_config,
                       vocabulary, data_manifest_sha256, last, time.time() - t_start, samples_seen, world)
@@ -761,8 +733,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--focal-weight", type=float, default=d.focal_weight)
     parser.add_argument("--focal-alpha", type=float, default=d.focal_alpha,
                         help="focal loss foreground weight (SAM: 0.25; 0.5 keeps thresholds calibrated)")
-    parser.add_argument("--train-only", choices=TRAIN_ONLY_CHOICES, default=d.train_only,
-                        help="'iou-head' freezes everything but the IoU head (a stage after changing the head)")
     parser.add_argument("--crop-prob", type=float, default=d.crop_prob,
                         help="chance of cropping a render to a non-square frame before letterboxing")
     parser.add_argument("--warp-prob", type=float, default=d.warp_prob,
@@ -812,7 +782,7 @@ def main(args: argparse.Namespace) -> int:
         loss_resolution=args.loss_resolution, interactive_prob=args.interactive_prob,
         deepest_click_prob=args.deepest_click_prob, mask_only_rounds=args.mask_only_rounds,
         feedback=args.feedback, seed=args.seed,
-        crop_prob=args.crop_prob, warp_prob=args.warp_prob, focal_weight=args.focal_weight, train_only=args.train_only,
+        crop_prob=args.crop_prob, warp_prob=args.warp_prob, focal_weight=args.focal_weight,
         focal_alpha=args.focal_alpha,
         init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
         log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,

@@ -32,8 +32,9 @@ class MaskAwareIoUHead(nn.Module):
         self.num_masks = num_masks
         self.mlp = MLP(token_dim + 2 * feature_dim + 2 + num_masks, hidden_dim, 1, depth)
 
-    def forward(self, iou_token: Tensor, mask_logits: Tensor, features: Tensor) -> Tensor:
-        """iou_token (N, D), mask_logits (N, K, h, w), features (N or 1, C, h, w) -> (N, K)."""
+    @staticmethod
+    def inputs(iou_token: Tensor, mask_logits: Tensor, features: Tensor) -> Tensor:
+        """iou_token (N, D), mask_logits (N, K, h, w), features (N or 1, C, h, w) -> MLP inputs (N, K, F)."""
         n, k = mask_logits.shape[:2]
         logits = mask_logits.detach().flatten(2)
         prob = logits.sigmoid()
@@ -46,9 +47,12 @@ class MaskAwareIoUHead(nn.Module):
         outside = outside_sum / (pixels - area).clamp_min(1e-3)
         stability = ((logits > 1).sum(-1, keepdim=True).float() + 1) / ((logits > -1).sum(-1, keepdim=True).float() + 1)
         index = torch.eye(k, dtype=prob.dtype, device=prob.device).expand(n, k, k)
-        x = torch.cat([iou_token[:, None].expand(n, k, -1).to(prob.dtype), inside, outside, area / pixels, stability,
-                       index], dim=-1)
-        return self.mlp(x)[..., 0]
+        return torch.cat([iou_token[:, None].expand(n, k, -1).to(prob.dtype), inside, outside, area / pixels,
+                          stability, index], dim=-1)
+
+    def forward(self, iou_token: Tensor, mask_logits: Tensor, features: Tensor) -> Tensor:
+        """-> predicted IoU (N, K)."""
+        return self.mlp(self.inputs(iou_token, mask_logits, features))[..., 0]
 
 
 class BatchedMaskDecoder(MaskDecoder):

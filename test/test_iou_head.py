@@ -1,0 +1,96 @@
+"""fit-iou-head: the fit learns from badly scaled inputs (folded standardization), collection works for either head,
+only the head changes, and the CLI writes a loadable checkpoint with an honest held-out report."""
+import argparse
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.iou_head import add_arguments, collect_head_examples, fit_head, main, with_mask_aware_head
+from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
+from training.model.decoder import MaskAwareIoUHead
+
+MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16, swin_depths=(1, 1, 1),
+                           swin_heads=(1, 2, 4), window_size=4, embed_stride=8, codebook_size=16,
+                           decoder_mlp_dim=64, drop_path_rate=0.0)
+
+
+def _write_evalset(root, n=4):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        image = np.zeros((48, 64), np.uint8)
+        x0 = int(rng.integers(2, 12))
+        image[6:40, x0:x0 + 16] = 200  # patient's right lung on the image's left
+        image[6:40, x0 + 26:x0 + 42] = 100
+        Image.fromarray(image).save(root / f"img{i}.png")
+        masks = {}
+        for name, value in (("right lung", 200), ("left lung", 100)):
+            path = f"img{i}_{name.replace(' ', '_')}.png"
+            Image.fromarray(((image == value) * 255).astype(np.uint8)).save(root / path)
+            masks[name] = path
+        items.append({"image": f"img{i}.png", "masks": masks})
+    (root / "manifest.json").write_text(json.dumps({"items": items}))
+    return root
+
+
+def test_fit_learns_from_inputs_on_very_different_scales():
+    """Inputs spanning 1e-3 to 1e3: only a correct fold of the standardization into the first layer fits them."""
+    torch.manual_seed(0)
+    head = MaskAwareIoUHead(token_dim=8, feature_dim=4, num_masks=3, hidden_dim=32)
+    features = 8 + 2 * 4 + 2 + 3
+    scale = torch.logspace(-3, 3, features)
+    x = torch.randn(2000, 3, features) * scale
+    y = torch.sigmoid(x[..., 0] / scale[0] - x[..., -4] / scale[-4])  # depends on the smallest and a large one
+    baseline = float(((y - y.mean()) ** 2).mean())
+    report = fit_head(head, x, y, epochs=20, lr=3e-3, progress=False)
+    assert report["mse"] < 0.2 * baseline
+    with torch.no_grad():
+        assert abs(float(((head.mlp(x).squeeze(-1) - y) ** 2).mean()) - report["mse"]) < 1e-6
+
+
+@pytest.mark.parametrize("mask_aware", [True, False])
+def test_collect_and_convert_keep_every_mask(tmp_path, mask_aware):
+    from training.evaluate import load_eval_items
+
+    torch.manual_seed(1)
+    model = FluoroSAM(dataclasses.replace(MINI, mask_aware_iou_head=mask_aware)).eval()
+    items = list(load_eval_items(_write_evalset(tmp_path / "set", n=2)))
+    x, y, own, owner = collect_head_examples(model, items, click_rounds=1, progress=False)
+    assert x.shape == (8, 3, MINI.embed_dim + 2 * MINI.embed_dim // 8 + 2 + 4) and y.shape == own.shape == (8, 3)
+    assert owner.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and ((0 <= y) & (y <= 1)).all()
+    converted = with_mask_aware_head(model)
+    assert converted.config.mask_aware_iou_head
+    image = torch.randn(1, 1, 64, 64)
+    tokens = model.encode_text(["left lung", "right lung"]).tokens
+    with torch.no_grad():
+        before = model.decode(model.encode_image(image), tokens)[0]
+        after = converted.decode(converted.encode_image(image), tokens)[0]
+    assert torch.equal(before, after)
+
+
+def test_cli_changes_only_the_head_and_reports_held_out_picks(tmp_path):
+    torch.manual_seed(2)
+    save_checkpoint(FluoroSAM(dataclasses.replace(MINI, mask_aware_iou_head=False)), tmp_path / "model",
+                    {"min_score": 0.3, "vocabulary_sha256": "abc"})
+    data = _write_evalset(tmp_path / "train", n=10)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert main(parser.parse_args(["--model", str(tmp_path / "model"), "--data", str(data), "--out",
+                                   str(tmp_path / "out"), "--epochs", "3", "--max-items", "10"])) == 0
+    old, _ = load_checkpoint(tmp_path / "model")
+    new, meta = load_checkpoint(tmp_path / "out")
+    assert new.config.mask_aware_iou_head and not old.config.mask_aware_iou_head
+    old_state = old.state_dict()
+    for name, tensor in new.state_dict().items():
+        if not name.startswith("mask_decoder.iou_prediction_head."):
+            assert torch.equal(tensor, old_state[name]), name
+    fit = meta["iou_head_fit"]
+    assert fit["items"] == 10 and fit["held_out_images"] == 1 and fit["examples"] == 10 * 2 * 2
+    assert set(fit["held_out_pick_iou"]) == {"previous_head", "fitted_head", "best_of_3"}
+    assert fit["held_out_pick_iou"]["best_of_3"] >= fit["held_out_pick_iou"]["fitted_head"]
+    assert meta["min_score"] is None and meta["vocabulary_sha256"] == "abc"  # scores changed; provenance kept
