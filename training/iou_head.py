@@ -45,9 +45,10 @@ def with_mask_aware_head(model: FluoroSAM, seed: int = 0) -> FluoroSAM:
 @torch.no_grad()
 def collect_head_examples(model: FluoroSAM, items, click_rounds: int = 1,
                           progress: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mask-aware head inputs (S, 3, F), true IoU at the frame's resolution (S, 3) and the model's own predicted
-    IoU (S, 3) and the item index (S,) for every present class of every item: text only, then after each of ``click_rounds`` clicks
-    (evaluation's next_click on the model's pick, that mask fed back). Works whatever head the model has."""
+    """Mask-aware head inputs (S, 3, F), true IoU at the frame's resolution (S, 3), the model's own predicted IoU
+    (S, 3) and the item index (S,), for every present class of every item: text only, then after each of
+    ``click_rounds`` clicks (evaluation's next_click on the model's pick, that mask fed back). Works whatever
+    head the model has."""
     decoder = model.mask_decoder
     captured: dict[str, Tensor] = {}
     hooks = [decoder.iou_prediction_head.register_forward_hook(
