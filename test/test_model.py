@@ -136,7 +136,7 @@ def test_mask_aware_iou_head_reads_each_mask_and_leaves_the_masks_alone():
     """Same IoU token, other masks -> other predicted IoU (SAM's head cannot tell); no gradient reaches the
     masks or features, and one shared feature map scores like a copy per prompt."""
     torch.manual_seed(4)
-    head = FluoroSAM(MINI).mask_decoder.iou_prediction_head
+    head = FluoroSAM(dataclasses.replace(MINI, mask_aware_iou_head=True)).mask_decoder.iou_prediction_head
     side, channels = MINI.mask_hw, MINI.embed_dim // 8
     token = torch.randn(2, MINI.embed_dim)
     features = torch.randn(1, channels, side, side, requires_grad=True)

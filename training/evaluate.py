@@ -61,9 +61,10 @@ def _chosen(total: int, max_items: int | None, spread: bool) -> list[int]:
 
 
 def load_eval_items(folder: str | Path, classes: list[str] | None = None,
-                    max_items: int | None = None, spread: bool = False) -> Iterator[EvalItem]:
+                    max_items: int | None = None, spread: bool = False, augment: bool = False) -> Iterator[EvalItem]:
     """Items of an eval-set folder or a shard folder (detected by its manifest's ``shards`` key): the first
-    ``max_items``, or with ``spread`` that many evenly spaced over the folder (renders are ordered by pose)."""
+    ``max_items``, or with ``spread`` that many evenly spaced over the folder (renders are ordered by pose).
+    ``augment`` applies training's domain randomization to a shard folder's images (an eval set is read as is)."""
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
@@ -73,7 +74,7 @@ def load_eval_items(folder: str | Path, classes: list[str] | None = None,
     if "shards" in manifest:
         from training.data.shards import ShardDataset
 
-        dataset = ShardDataset(folder, augment=False)
+        dataset = ShardDataset(folder, augment=augment)
         for i in _chosen(len(dataset), max_items, spread):
             item = dataset[i]
             masks = {name: item["masks"][c] for c, name in enumerate(dataset.classes)

@@ -141,6 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output checkpoint folder")
     parser.add_argument("--max-items", type=int, default=None, help="items per folder, spread over it")
     parser.add_argument("--click-rounds", type=int, default=1, help="click rounds after the text-only one")
+    parser.add_argument("--augment", action="store_true",
+                        help="domain-randomize the shard renders first, as training does (for transfer to real films)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -153,7 +155,8 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.time()
     model, _ = load_checkpoint(args.model)
     meta = read_meta(args.model)
-    items = [item for folder in args.data for item in load_eval_items(folder, max_items=args.max_items, spread=True)]
+    items = [item for folder in args.data for item in load_eval_items(folder, max_items=args.max_items, spread=True,
+                                                                     augment=args.augment)]
     x, y, own_pred, owner = collect_head_examples(model, items, args.click_rounds)
     if not model.config.mask_aware_iou_head:
         model = with_mask_aware_head(model, args.seed)
@@ -171,7 +174,8 @@ def main(args: argparse.Namespace) -> int:
                                      "fitted_head": round(refit, 4),
                                      "best_of_3": round(float(y[held].max(1).values.mean()), 4)})
     meta["iou_head_fit"] = {"command": "fluorosam fit-iou-head " + " ".join(sys.argv[2:]), "data": args.data,
-                            "click_rounds": args.click_rounds, "epochs": args.epochs, "lr": args.lr,
+                            "click_rounds": args.click_rounds, "augment": args.augment,
+                            "epochs": args.epochs, "lr": args.lr,
                             "seed": args.seed, "wall_time_s": round(time.time() - t0, 1), **report}
     meta["min_score"] = None  # the scores changed: evaluate --calibrate sets it again
     meta.pop("config", None)

@@ -36,7 +36,9 @@ class FluoroSAMConfig:
     decoder_mlp_dim: int = 2048
     num_multimask_outputs: int = 3
     iou_head_hidden_dim: int = 256
-    # The IoU head also reads what each mask covers (see decoder.py); False is SAM's token-only head.
+    # The IoU head also reads what each mask covers (see decoder.py; ``fluorosam fit-iou-head`` fits it on a
+    # frozen checkpoint). False is SAM's token-only head, still the default: the first fit, on clean renders,
+    # picked better masks on renders and worse ones on real films (docs/training_log.md).
     mask_aware_iou_head: bool = False
     mask_in_chans: int = 16
     extra: dict = field(default_factory=dict)  # free-form notes carried into model.json
@@ -113,15 +115,15 @@ CONFIGS: dict[str, FluoroSAMConfig] = {
     # (high_res_features, as SAM 2): edges from the image at a few % of the decoder's cost.
     "tiny": FluoroSAMConfig(name="tiny", image_size=256, patch_size=2, swin_embed_dim=48, swin_depths=(2, 2, 2, 2),
                             swin_heads=(3, 6, 12, 24), window_size=8, embed_stride=16, codebook_size=512,
-                            high_res_features=True, mask_aware_iou_head=True),
+                            high_res_features=True),
     # Swin-B at 448 px -> 28x28 embedding (stride 16), 112x112 masks.
     "base": FluoroSAMConfig(name="base", image_size=448, swin_embed_dim=128, swin_depths=(2, 2, 18, 2),
                             swin_heads=(4, 8, 16, 32), window_size=7, drop_path_rate=0.3, embed_stride=16,
-                            codebook_size=2048, high_res_features=True, mask_aware_iou_head=True),
+                            codebook_size=2048, high_res_features=True),
     # The paper's: Swin-L at 448 px, 8192 codes; embedding 56x56 at stride 8 (see module docstring).
     "large": FluoroSAMConfig(name="large", image_size=448, swin_embed_dim=192, swin_depths=(2, 2, 18, 2),
                              swin_heads=(6, 12, 24, 48), window_size=7, drop_path_rate=0.3, embed_stride=8,
-                             codebook_size=8192, mask_aware_iou_head=True),
+                             codebook_size=8192),
 }
 
 
