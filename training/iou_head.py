@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,7 +66,7 @@ def collect_head_examples(model: FluoroSAM, items, click_rounds: int = 1,
             embeddings = model.encode_image(torch.from_numpy(image))
             tokens = model.encode_text(prompts).tokens
             clicks: list[list[tuple[float, float, int]]] = [[] for _ in prompts]
-            previous = coords = labels = None
+            previous = coords = labels = chosen = None
             for round_index in range(click_rounds + 1):
                 if round_index:
                     for k in range(len(prompts)):

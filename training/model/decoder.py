@@ -29,7 +29,6 @@ class MaskAwareIoUHead(nn.Module):
 
     def __init__(self, token_dim: int, feature_dim: int, num_masks: int, hidden_dim: int, depth: int = 3) -> None:
         super().__init__()
-        self.num_masks = num_masks
         self.mlp = MLP(token_dim + 2 * feature_dim + 2 + num_masks, hidden_dim, 1, depth)
 
     @staticmethod
