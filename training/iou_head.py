@@ -2,8 +2,9 @@
 
 Why a separate step: the head only chooses among masks the rest of the model already makes, so with
 everything else frozen its inputs are fixed per (image, prompt, clicks). They are computed once, over
-clean renders as evaluation sees them (text only, then one click placed by evaluation's rule with the
-previous mask fed back, as evaluation and the node do), and the head is fitted on them for many epochs.
+training renders as evaluation sees them (or domain-randomized with ``--augment``), text only and then
+one click placed by evaluation's rule with the previous mask fed back, as evaluation and the node do,
+and the head is fitted on them for many epochs.
 Training it inside ``fluorosam train`` with the rest frozen costs a full training step per sample and,
 on this CPU, had not improved the pick after 400 steps. A checkpoint with SAM's token-only head gets the
 mask-aware head here (config ``mask_aware_iou_head``); every other tensor is copied bit for bit.
@@ -25,7 +26,6 @@ from engine.preprocess import postprocess_masks, preprocess
 from training.evaluate import load_eval_items, next_click
 from training.losses import mask_iou
 from training.model import FluoroSAM, load_checkpoint, save_checkpoint
-from training.model.checkpoint import read_meta
 from training.model.decoder import MaskAwareIoUHead
 
 
@@ -92,7 +92,7 @@ def collect_head_examples(model: FluoroSAM, items, click_rounds: int = 1,
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.cat(xs), torch.cat(ys).float(), torch.cat(preds), torch.cat(owners)
+    return torch.cat(xs), torch.cat(ys), torch.cat(preds), torch.cat(owners)
 
 
 def fit_head(head: MaskAwareIoUHead, x: Tensor, y: Tensor, epochs: int = 30, lr: float = 1e-3,
@@ -152,8 +152,7 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, _ = load_checkpoint(args.model)
-    meta = read_meta(args.model)
+    model, meta = load_checkpoint(args.model)
     items = [item for folder in args.data for item in load_eval_items(folder, max_items=args.max_items, spread=True,
                                                                      augment=args.augment)]
     x, y, own_pred, owner = collect_head_examples(model, items, args.click_rounds)
