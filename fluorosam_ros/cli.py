@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train a FluoroSAM model"),
     "fit-iou-head": ("training.iou_head", "fit the mask-aware IoU head alone on a frozen model"),
     "evaluate": ("training.evaluate", "evaluate a model on an eval-set folder"),
+    "compare": ("training.compare", "paired per-item differences between two evaluations of one eval set"),
     "export": ("engine.export", "export a checkpoint to ONNX"),
     "build-engine": ("engine.build", "build TensorRT FP16 engines from the ONNX (GPU machines)"),
     "bench": ("engine.bench", "benchmark the Segmenter (ratios measured in one run)"),

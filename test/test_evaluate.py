@@ -156,7 +156,7 @@ def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
     assert set(metrics["points"]["0"]["per_class"]) == {"left lung", "right lung"}
     assert 0.0 <= metrics["points"]["2"]["mean_iou"] <= 1.0
     assert 0.0 <= metrics["oov_refusal_rate"] <= 1.0
-    for name in ("metrics.md", "per_class_iou.png", "overlays.png"):
+    for name in ("metrics.md", "per_class_iou.png", "overlays.png", "records.jsonl"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     model_json = json.loads((tmp_path / "model" / "model.json").read_text())
     assert model_json["oov"]["vocab_similarity_min"] is not None and model_json["min_score"] is not None

@@ -33,6 +33,8 @@ from engine.preprocess import postprocess_masks, preprocess
 MIN_MASK_PIXELS = 16
 MIN_SCORE_USEFUL_IOU = 0.5  # min_score separates masks with IoU >= this from worse ones
 LARGEST_K = 15
+RECORDS_FILE = "records.jsonl"  # one row per item, prompt and click count: what `fluorosam compare` pairs
+RECORD_FIELDS = ("iou", "dice", "score", "hit_px", "pred_px", "gt_px")
 OVERLAY_FIRST = ("left lung", "right lung", "heart")
 
 
@@ -447,7 +449,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled default model)")
     parser.add_argument("--eval-set", required=True, help="eval-set folder (manifest.json) or a shard folder")
     parser.add_argument("--points", default="0,1,3,5", help="click counts to report, comma-separated")
-    parser.add_argument("--out", required=True, help="output folder for metrics.json, metrics.md and PNGs")
+    parser.add_argument("--out", required=True,
+                        help="output folder for metrics.json, metrics.md, records.jsonl and PNGs")
     parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these prompts")
     parser.add_argument("--max-items", type=int, default=None)
     parser.add_argument("--no-paraphrases", action="store_true", help="skip the held-out paraphrase run")
@@ -460,6 +463,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also store this evaluation's summary in the model's model.json metrics under this key")
     parser.add_argument("--calibrate", action="store_true",
                         help="write OOV thresholds and min_score from this eval set into the model's model.json")
+
+
+def write_records(records: dict[int, list[dict]], path: Path) -> None:
+    """Per-item scores as JSON lines, so two evaluations of one eval set can be paired item by item."""
+    with open(path, "w") as f:
+        for points, rows in sorted(records.items()):
+            for row in rows:
+                f.write(json.dumps({"points": points, "item": row["item"], "prompt": row["prompt"],
+                                    **{k: row[k] for k in RECORD_FIELDS}}) + "\n")
 
 
 def summary_for_model_json(metrics: dict) -> dict:
@@ -537,6 +549,7 @@ def main(args: argparse.Namespace) -> int:
     write_markdown(metrics, out / "metrics.md", f"FluoroSAM evaluation: {Path(args.eval_set).name}")
     plot_per_class(metrics, out / "per_class_iou.png")
     plot_overlays(raw["overlays"], out / "overlays.png")
+    write_records(raw["records"], out / RECORDS_FILE)
     summary = {k: round(v[f"largest{LARGEST_K}_mean_iou"], 4) for k, v in metrics["points"].items()}
     print(json.dumps({"mean_iou": {k: round(v["mean_iou"], 4) for k, v in metrics["points"].items()},
                       f"largest{LARGEST_K}_mean_iou": summary,
