@@ -46,8 +46,12 @@ def test_compare_pairs_two_evaluations_written_by_evaluate(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "compare.json"
-    assert main(parser.parse_args([str(tmp_path / "empty"), str(tmp_path / "perfect"), "--out", str(out)])) == 0
+    plot = tmp_path / "compare.png"
+    assert main(parser.parse_args([str(tmp_path / "empty"), str(tmp_path / "perfect"), "--out", str(out),
+                                   "--plot", str(plot)])) == 0
     written = json.loads(out.read_text())
     assert set(written) == {"15 largest", "all classes"}
     assert written["all classes"]["0"]["difference"] == 1.0
+    assert list(written["all classes"]["0"]["per_item"].values()) == [[0.0, 1.0]] * 3
+    assert plot.stat().st_size > 0
     assert main(parser.parse_args([str(tmp_path / "empty"), str(tmp_path / "set")])) == 2  # no records there

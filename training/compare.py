@@ -50,7 +50,8 @@ def paired_difference(old: list[dict], new: list[dict], points: int, classes: se
     stderr = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     return {"items": len(shared), "old": float(before.mean()), "new": float(after.mean()),
             "difference": float(diff.mean()), "stderr": stderr,
-            "unpaired_items": len(set(old_means) ^ set(new_means))}
+            "unpaired_items": len(set(old_means) ^ set(new_means)),
+            "per_item": {i: [old_means[i], new_means[i]] for i in shared}}
 
 
 def compare(old_dir: str | Path, new_dir: str | Path, groups: dict[str, set[str] | None]) -> dict:
@@ -75,12 +76,37 @@ def default_groups(old_dir: str | Path) -> dict[str, set[str] | None]:
     return groups
 
 
+def plot_paired(result: dict, path: str | Path) -> None:
+    """One scatter per class group and click count: each item's IoU under OLD (x) and NEW (y), and the diagonal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, k, r) for name, by_points in result.items() for k, r in by_points.items()]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.3 * rows), squeeze=False)
+    for ax, (name, k, r) in zip(axes.flat, panels):
+        pairs = np.array(list(r["per_item"].values()))
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1)
+        ax.scatter(pairs[:, 0], pairs[:, 1], s=14)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="old IoU", ylabel="new IoU", aspect="equal")
+        ax.set_title(f"{name[:28]}, {k} clicks\n{r['difference']:+.3f} +- {r['stderr']:.3f} (n={r['items']})",
+                     fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("old", help="output folder of `fluorosam evaluate` for the reference model")
     parser.add_argument("new", help="output folder of `fluorosam evaluate` for the candidate, same eval set")
     parser.add_argument("--classes", nargs="+", default=None,
                         help="one group of these classes (default: the old run's largest classes, and all)")
-    parser.add_argument("--out", default=None, help="also write the result as JSON here")
+    parser.add_argument("--out", default=None, help="also write the result (with per-item IoUs) as JSON here")
+    parser.add_argument("--plot", default=None, help="also draw per-item old vs new IoU scatters to this PNG")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -98,4 +124,6 @@ def main(args: argparse.Namespace) -> int:
                   f"{r['difference']:+.3f} +- {r['stderr']:.3f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot_paired(result, args.plot)
     return 0
