@@ -151,3 +151,26 @@ def test_bad_pose_is_rejected():
         camera(CArmPose("LAT", 0, 0, 1000, 700, 300, (0.0, 0.0, 0.0)), 64)
     with pytest.raises(ValueError, match="sod"):
         camera(CArmPose("AP", 0, 0, 1000, 1200, 300, (0.0, 0.0, 0.0)), 64)
+
+
+def test_zoom_out_moves_masks_with_the_image_and_puts_air_around():
+    from training.data.augment import ZOOM_OUT_SCALE, zoom_out
+
+    rng = np.random.default_rng(0)
+    raw = np.zeros((64, 64), np.float32)
+    raw[10:50, 8:30] = 2.0   # two "organs" of distinct density
+    raw[20:60, 36:60] = 5.0
+    masks = np.stack([raw == 2.0, raw == 5.0] + [rng.random((64, 64)) < 0.5 for _ in range(9)])
+    image, out = zoom_out(raw, masks, seed=3)
+    again_image, again = zoom_out(raw, masks, seed=3)
+    assert np.array_equal(image, again_image) and np.array_equal(out, again)  # seeded
+    assert out.shape == masks.shape and out.dtype == bool and image.shape == raw.shape
+    # the frame now has air (0) around the shrunken render, and each organ's mask sits on its own density
+    # (area averaging blends a boundary pixel with its neighbour, so only most pixels are exact)
+    assert (image == 0).mean() > 1 - ZOOM_OUT_SCALE[1] ** 2 - 1e-6
+    for k, value in ((0, 2.0), (1, 5.0)):
+        assert out[k].sum() < masks[k].sum()
+        assert (np.abs(image[out[k]] - value) < 1e-5).mean() > 0.8
+    assert not np.array_equal(zoom_out(raw, masks, seed=4)[0], image)
+    with pytest.raises(ValueError, match="expected image"):
+        zoom_out(raw, masks[:, :32], seed=0)

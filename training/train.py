@@ -83,6 +83,7 @@ class TrainOptions:
     feedback: str = "best"
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     warp_prob: float = 0.0  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
+    zoom_out_prob: float = 0.0  # chance of shrinking a render into the frame with air around it (field of view)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
     contrastive_weight: float = 0.5
     focal_weight: float = 20.0  # SAM's focal:dice ratio
@@ -737,6 +738,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="chance of cropping a render to a non-square frame before letterboxing")
     parser.add_argument("--warp-prob", type=float, default=d.warp_prob,
                         help="chance of an affine + elastic warp of image and masks (anatomy variation)")
+    parser.add_argument("--zoom-out-prob", type=float, default=d.zoom_out_prob,
+                        help="chance of shrinking a render and its masks into the frame, air around them "
+                             "(field of view: lungs that do not fill the frame)")
     parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step, epoch, RNG, "
                                            "wall time); --steps may change the schedule's length")
     parser.add_argument("--init-from", default=None,
@@ -782,7 +786,8 @@ def main(args: argparse.Namespace) -> int:
         loss_resolution=args.loss_resolution, interactive_prob=args.interactive_prob,
         deepest_click_prob=args.deepest_click_prob, mask_only_rounds=args.mask_only_rounds,
         feedback=args.feedback, seed=args.seed,
-        crop_prob=args.crop_prob, warp_prob=args.warp_prob, focal_weight=args.focal_weight,
+        crop_prob=args.crop_prob, warp_prob=args.warp_prob, zoom_out_prob=args.zoom_out_prob,
+        focal_weight=args.focal_weight,
         focal_alpha=args.focal_alpha,
         init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
         log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,
@@ -790,7 +795,8 @@ def main(args: argparse.Namespace) -> int:
                     "data": args.data, "val": args.val,
                     **({"initialized_from": checkpoint_provenance(args.init_from)} if args.init_from else {})})
 
-    parts = [ShardDataset(root, augment=True, seed=args.seed, warp_prob=args.warp_prob) for root in args.data]
+    parts = [ShardDataset(root, augment=True, seed=args.seed, warp_prob=args.warp_prob,
+                          zoom_out_prob=args.zoom_out_prob) for root in args.data]
 
     def make_train_dataset(epoch: int) -> Dataset:
         """Re-read the manifests (a render may still be adding shards) and reseed the augmentation."""

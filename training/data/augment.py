@@ -15,8 +15,11 @@ or not, windowing, CLAHE, inverted display), blur and occlusions. Each call draw
 geometric part: one CT is one body, so a random anisotropic scale (vertically up to 1.25x, because the
 bundled CT is a supine shallow-inspiration scan and chest films are taken in deep inspiration), small
 rotation/shear and a smooth elastic field (albumentations) stand in for other body habitus, moving image and
-masks together.
-Neither ever flips horizontally (laterality matters).
+masks together. :func:`zoom_out` shrinks the raw render and its masks into the frame with air around them:
+the bundled CT's views fill the frame with the chest, and the model learned lungs that fill a fixed share of
+the frame (on real films its lung masks grow when the film is padded and shrink when it is cropped), while
+films also show the neck, shoulders and air around the body.
+None ever flips horizontally (laterality matters).
 """
 from __future__ import annotations
 
@@ -81,6 +84,32 @@ def torch_clahe(image01: np.ndarray, clip_limit: float) -> np.ndarray:
 
     t = torch.from_numpy(np.ascontiguousarray(image01, dtype=np.float32))[None, None]
     return kornia.enhance.equalize_clahe(t, clip_limit=clip_limit, grid_size=(8, 8))[0, 0].numpy()
+
+
+ZOOM_OUT_SCALE = (0.6, 0.95)  # the rendered frame's new side as a share of the old one
+
+
+def zoom_out(raw: np.ndarray, masks: np.ndarray, seed: int, epoch: int = 0,
+             index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A raw line-integral render (H, W) and its masks (C, H, W) bool, shrunk together by a random factor to a
+    random place in the same frame; the rest is air (line integral 0), so the imaging chain that
+    :func:`domain_randomize` draws afterwards treats it as air."""
+    if raw.ndim != 2 or masks.ndim != 3 or masks.shape[1:] != raw.shape:
+        raise ValueError(f"expected image (H, W) and masks (C, H, W), got {raw.shape} and {masks.shape}")
+    rng = np.random.default_rng(_seed(seed, epoch, index, 0x200F))
+    h, w = raw.shape
+    scale = rng.uniform(*ZOOM_OUT_SCALE)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    y0, x0 = int(rng.integers(0, h - new_h + 1)), int(rng.integers(0, w - new_w + 1))
+    image = np.zeros((h, w), np.float32)
+    image[y0:y0 + new_h, x0:x0 + new_w] = cv2.resize(raw.astype(np.float32), (new_w, new_h),
+                                                     interpolation=cv2.INTER_AREA)
+    packed = np.packbits(masks, axis=0)  # nearest-neighbour keeps packed bits exact, as in anatomy_warp
+    small = cv2.resize(np.moveaxis(packed, 0, -1), (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+    placed = np.zeros((h, w, len(packed)), np.uint8)
+    placed[y0:y0 + new_h, x0:x0 + new_w] = small.reshape(new_h, new_w, len(packed))
+    out_masks = np.unpackbits(np.moveaxis(placed, -1, 0), axis=0, count=len(masks))
+    return image, out_masks.astype(bool)
 
 
 def anatomy_warp(image: np.ndarray, masks: np.ndarray, seed: int, epoch: int = 0,
