@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from fluorosam_ros.cli import main as cli_main
 from training.compare import add_arguments, compare, main, paired_difference
 from training.evaluate import RECORDS_FILE, evaluate_items, load_eval_items, summarize, write_records
 from test_evaluate import Oracle, _write_evalset
@@ -55,3 +56,4 @@ def test_compare_pairs_two_evaluations_written_by_evaluate(tmp_path):
     assert list(written["all classes"]["0"]["per_item"].values()) == [[0.0, 1.0]] * 3
     assert plot.stat().st_size > 0
     assert main(parser.parse_args([str(tmp_path / "empty"), str(tmp_path / "set")])) == 2  # no records there
+    assert cli_main(["compare", str(tmp_path / "empty"), str(tmp_path / "perfect")]) == 0  # the console script
