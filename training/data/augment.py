@@ -86,6 +86,24 @@ def torch_clahe(image01: np.ndarray, clip_limit: float) -> np.ndarray:
     return kornia.enhance.equalize_clahe(t, clip_limit=clip_limit, grid_size=(8, 8))[0, 0].numpy()
 
 
+def _check_image_and_masks(image: np.ndarray, masks: np.ndarray) -> None:
+    if image.ndim != 2 or masks.ndim != 3 or masks.shape[1:] != image.shape:
+        raise ValueError(f"expected image (H, W) and masks (C, H, W), got {image.shape} and {masks.shape}")
+
+
+# Geometric changes move masks with nearest-neighbour sampling, so 8 classes packed as the bits of one byte move
+# exactly as 8 separate masks would: 122 classes cost 16 channels instead of 122.
+def _pack_channels_last(masks: np.ndarray) -> np.ndarray:
+    """(C, H, W) bool -> (H, W, ceil(C / 8)) uint8, the layout OpenCV and albumentations resample."""
+    return np.moveaxis(np.packbits(masks, axis=0), 0, -1)
+
+
+def _unpack_channels_last(packed: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of :func:`_pack_channels_last` (OpenCV drops a single channel axis: restored here)."""
+    packed = packed.reshape(*packed.shape[:2], -1)
+    return np.unpackbits(np.moveaxis(packed, -1, 0), axis=0, count=count).astype(bool)
+
+
 ZOOM_OUT_SCALE = (0.6, 0.95)  # the rendered frame's new side as a share of the old one
 
 
@@ -94,8 +112,7 @@ def zoom_out(raw: np.ndarray, masks: np.ndarray, seed: int, epoch: int = 0,
     """A raw line-integral render (H, W) and its masks (C, H, W) bool, shrunk together by a random factor to a
     random place in the same frame; the rest is air (line integral 0), so the imaging chain that
     :func:`domain_randomize` draws afterwards treats it as air."""
-    if raw.ndim != 2 or masks.ndim != 3 or masks.shape[1:] != raw.shape:
-        raise ValueError(f"expected image (H, W) and masks (C, H, W), got {raw.shape} and {masks.shape}")
+    _check_image_and_masks(raw, masks)
     rng = np.random.default_rng(_seed(seed, epoch, index, 0x200F))
     h, w = raw.shape
     scale = rng.uniform(*ZOOM_OUT_SCALE)
@@ -104,24 +121,17 @@ def zoom_out(raw: np.ndarray, masks: np.ndarray, seed: int, epoch: int = 0,
     image = np.zeros((h, w), np.float32)
     image[y0:y0 + new_h, x0:x0 + new_w] = cv2.resize(raw.astype(np.float32), (new_w, new_h),
                                                      interpolation=cv2.INTER_AREA)
-    packed = np.packbits(masks, axis=0)  # nearest-neighbour keeps packed bits exact, as in anatomy_warp
-    small = cv2.resize(np.moveaxis(packed, 0, -1), (new_w, new_h), interpolation=cv2.INTER_NEAREST)
-    placed = np.zeros((h, w, len(packed)), np.uint8)
-    placed[y0:y0 + new_h, x0:x0 + new_w] = small.reshape(new_h, new_w, len(packed))
-    out_masks = np.unpackbits(np.moveaxis(placed, -1, 0), axis=0, count=len(masks))
-    return image, out_masks.astype(bool)
+    packed = _pack_channels_last(masks)
+    placed = np.zeros_like(packed)
+    placed[y0:y0 + new_h, x0:x0 + new_w] = cv2.resize(packed, (new_w, new_h),
+                                                      interpolation=cv2.INTER_NEAREST).reshape(new_h, new_w, -1)
+    return image, _unpack_channels_last(placed, len(masks))
 
 
 def anatomy_warp(image: np.ndarray, masks: np.ndarray, seed: int, epoch: int = 0,
                  index: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The same random affine + elastic warp applied to an image (H, W) and its masks (C, H, W) bool."""
-    if image.ndim != 2 or masks.ndim != 3 or masks.shape[1:] != image.shape:
-        raise ValueError(f"expected image (H, W) and masks (C, H, W), got {image.shape} and {masks.shape}")
-    # Masks are warped with nearest-neighbour sampling, so 8 classes packed as the bits of one byte move
-    # exactly as 8 separate masks would: 122 classes cost 16 channels instead of 122.
-    packed = np.packbits(masks, axis=0)
+    _check_image_and_masks(image, masks)
     out = _warp_pipeline(_seed(seed, epoch, index, 0x57A9))(image=image.astype(np.float32),
-                                                           mask=np.moveaxis(packed, 0, -1))
-    warped = np.unpackbits(np.moveaxis(out["mask"], -1, 0).reshape(len(packed), *image.shape), axis=0,
-                           count=len(masks))
-    return out["image"], warped.astype(bool)
+                                                           mask=_pack_channels_last(masks))
+    return out["image"], _unpack_channels_last(out["mask"], len(masks))
