@@ -8,7 +8,7 @@ import pytest
 from fluorosam_ros.cli import main as cli_main
 from training.compare import add_arguments, compare, main, paired_difference
 from training.evaluate import RECORDS_FILE, evaluate_items, load_eval_items, summarize, write_records
-from test_evaluate import Oracle, _write_evalset
+from synthetic_evalset import Oracle, write_evalset
 
 
 def _rows(values: dict[tuple[str, str], float], points: int = 0) -> list[dict]:
@@ -32,7 +32,7 @@ def test_paired_difference_averages_classes_per_item_then_pairs_items():
 
 
 def test_compare_pairs_two_evaluations_written_by_evaluate(tmp_path):
-    items = list(load_eval_items(_write_evalset(tmp_path / "set")))
+    items = list(load_eval_items(write_evalset(tmp_path / "set")))
     for name, perfect in (("perfect", True), ("empty", False)):
         raw = evaluate_items(Oracle(perfect), items, [0, 2], show_progress=False)
         (tmp_path / name).mkdir()

@@ -8,55 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from training.evaluate import (EvalItem, add_arguments, calibrate_min_score, error_placement, evaluate_items,
+from training.evaluate import (add_arguments, calibrate_min_score, error_placement, evaluate_items,
                                load_eval_items, main, mask_overlap, next_click, summarize)
 from training.model import FluoroSAM, get_config, save_checkpoint
-
-VALUES = {"left lung": 100, "right lung": 200}
-
-
-def _write_evalset(root, n=3, size=(40, 56)):
-    root.mkdir(parents=True, exist_ok=True)
-    items = []
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        image = np.zeros(size, np.uint8)
-        x0 = int(rng.integers(2, 10))
-        image[5:30, x0:x0 + 15] = VALUES["right lung"]  # patient's right on the image's left
-        image[5:30, x0 + 25:x0 + 40] = VALUES["left lung"]
-        Image.fromarray(image).save(root / f"img{i}.png")
-        masks = {}
-        for name, value in VALUES.items():
-            slug = name.replace(" ", "_")
-            Image.fromarray(((image == value) * 255).astype(np.uint8)).save(root / f"img{i}_{slug}.png")
-            masks[name] = f"img{i}_{slug}.png"
-        items.append({"image": f"img{i}.png", "masks": masks})
-    (root / "manifest.json").write_text(json.dumps({"items": items}))
-    return root
-
-
-class Oracle:
-    """Reads the answer off the synthetic frame (perfect) or answers nothing (empty)."""
-
-    def __init__(self, perfect: bool) -> None:
-        self.perfect = perfect
-        self.frame = None
-
-    def set_frame(self, frame):
-        self.frame = frame
-
-    def predict(self, prompts, clicks, previous):
-        names = [p if p in VALUES else p.split(":")[0] for p in prompts]
-        masks = [(self.frame == VALUES[n]) if self.perfect else np.zeros(self.frame.shape, bool) for n in names]
-        return masks, [1.0] * len(prompts), None
-
-    def refused(self, prompts):
-        return [p not in VALUES for p in prompts]
-
+from synthetic_evalset import Oracle, write_evalset
 
 @pytest.mark.parametrize("perfect,expected", [(True, 1.0), (False, 0.0)])
 def test_oracles_give_exact_iou(tmp_path, perfect, expected):
-    items = list(load_eval_items(_write_evalset(tmp_path)))
+    items = list(load_eval_items(write_evalset(tmp_path)))
     assert len(items) == 3 and items[0].masks["left lung"].dtype == bool
     paraphrases = {"left lung": ["left lung:paraphrase"]}
     raw = evaluate_items(Oracle(perfect), items, [0, 1, 3], paraphrases, show_progress=False)
@@ -112,7 +71,7 @@ class Oversegmenter(Oracle):
 
 
 def test_precision_and_recall_tell_over_segmentation_apart(tmp_path):
-    items = list(load_eval_items(_write_evalset(tmp_path, size=(80, 56))))  # room below the masks
+    items = list(load_eval_items(write_evalset(tmp_path, size=(80, 56))))  # room below the masks
     metrics = summarize(evaluate_items(Oversegmenter(perfect=True), items, [0], show_progress=False))
     entry = metrics["points"]["0"]["per_class"]["left lung"]
     assert entry["recall"] == 1.0 and entry["precision"] == pytest.approx(0.5) and entry["iou"] == pytest.approx(0.5)
@@ -131,7 +90,7 @@ def test_min_score_separates_good_from_bad():
 
 
 def test_eval_set_mask_shape_mismatch_is_a_clear_error(tmp_path):
-    root = _write_evalset(tmp_path, n=1)
+    root = write_evalset(tmp_path, n=1)
     Image.fromarray(np.zeros((3, 3), np.uint8)).save(root / "img0_left_lung.png")
     with pytest.raises(ValueError, match="does not match image"):
         list(load_eval_items(root))
@@ -144,7 +103,7 @@ def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
                                  codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0)
     torch.manual_seed(0)
     save_checkpoint(FluoroSAM(config), tmp_path / "model", {})
-    evalset = _write_evalset(tmp_path / "evalset", n=2, size=(50, 70))
+    evalset = write_evalset(tmp_path / "evalset", n=2, size=(50, 70))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--model", str(tmp_path / "model"), "--eval-set", str(evalset), "--points", "0,2",

@@ -2,40 +2,18 @@
 only the head changes, and the CLI writes a loadable checkpoint with an honest held-out report."""
 import argparse
 import dataclasses
-import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from training.iou_head import add_arguments, collect_head_examples, fit_head, main, with_mask_aware_head
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
 from training.model.decoder import MaskAwareIoUHead
+from synthetic_evalset import write_evalset
 
 MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16, swin_depths=(1, 1, 1),
                            swin_heads=(1, 2, 4), window_size=4, embed_stride=8, codebook_size=16,
                            decoder_mlp_dim=64, drop_path_rate=0.0)
-
-
-def _write_evalset(root, n=4):
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    items = []
-    for i in range(n):
-        image = np.zeros((48, 64), np.uint8)
-        x0 = int(rng.integers(2, 12))
-        image[6:40, x0:x0 + 16] = 200  # patient's right lung on the image's left
-        image[6:40, x0 + 26:x0 + 42] = 100
-        Image.fromarray(image).save(root / f"img{i}.png")
-        masks = {}
-        for name, value in (("right lung", 200), ("left lung", 100)):
-            path = f"img{i}_{name.replace(' ', '_')}.png"
-            Image.fromarray(((image == value) * 255).astype(np.uint8)).save(root / path)
-            masks[name] = path
-        items.append({"image": f"img{i}.png", "masks": masks})
-    (root / "manifest.json").write_text(json.dumps({"items": items}))
-    return root
 
 
 def test_fit_learns_from_inputs_on_very_different_scales():
@@ -59,7 +37,7 @@ def test_collect_and_convert_keep_every_mask(tmp_path, mask_aware):
 
     torch.manual_seed(1)
     model = FluoroSAM(dataclasses.replace(MINI, mask_aware_iou_head=mask_aware)).eval()
-    items = list(load_eval_items(_write_evalset(tmp_path / "set", n=2)))
+    items = list(load_eval_items(write_evalset(tmp_path / "set", n=2, size=(48, 64))))
     x, y, own, owner = collect_head_examples(model, items, click_rounds=1, progress=False)
     assert x.shape == (8, 3, MINI.embed_dim + 2 * MINI.embed_dim // 8 + 2 + 4) and y.shape == own.shape == (8, 3)
     assert owner.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and ((0 <= y) & (y <= 1)).all()
@@ -77,7 +55,7 @@ def test_cli_changes_only_the_head_and_reports_held_out_picks(tmp_path):
     torch.manual_seed(2)
     save_checkpoint(FluoroSAM(dataclasses.replace(MINI, mask_aware_iou_head=False)), tmp_path / "model",
                     {"min_score": 0.3, "vocabulary_sha256": "abc"})
-    data = _write_evalset(tmp_path / "train", n=10)
+    data = write_evalset(tmp_path / "train", n=10, size=(48, 64))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert main(parser.parse_args(["--model", str(tmp_path / "model"), "--data", str(data), "--out",
