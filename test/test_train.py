@@ -202,8 +202,30 @@ def test_short_training_lowers_loss_and_resumes(tmp_path):
     assert meta["training"]["wall_time_s"] >= first_wall_time and rows[-1]["elapsed_s"] >= first_wall_time
 
 
+def test_amp_uses_bfloat16_only_on_cpus_that_have_it(monkeypatch):
+    from training import train
+
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: native)
+        assert train.amp_dtype_for(torch.device("cpu")) is expected
+    assert train.amp_dtype_for(torch.device("cuda")) is torch.float16
+
+
+def test_amp_on_a_cpu_without_bfloat16_trains_in_float32_and_says_so(tmp_path, monkeypatch, capsys):
+    from training import train
+
+    monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: False)
+    model, _ = run_training(MINI, lambda epoch: EllipseChests(n=4), Vocabulary.load(), tmp_path,
+                            _options(steps=2, amp=True))
+    assert "--amp ignored" in capsys.readouterr().err
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 @pytest.mark.slow
-def test_bfloat16_autocast_on_cpu_trains_and_keeps_float32_weights_and_codes(tmp_path):
+def test_bfloat16_autocast_on_cpu_trains_and_keeps_float32_weights_and_codes(tmp_path, monkeypatch):
+    from training import train
+
+    monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: True)  # the bfloat16 path on any CPU
     vocabulary = Vocabulary.load()
     model, _ = run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path, _options(steps=40, amp=True))
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
