@@ -13,6 +13,7 @@ from training.evaluate import (add_arguments, calibrate_min_score, error_placeme
 from training.model import FluoroSAM, get_config, save_checkpoint
 from synthetic_evalset import Oracle, write_evalset
 
+
 @pytest.mark.parametrize("perfect,expected", [(True, 1.0), (False, 0.0)])
 def test_oracles_give_exact_iou(tmp_path, perfect, expected):
     items = list(load_eval_items(write_evalset(tmp_path)))

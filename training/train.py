@@ -11,7 +11,7 @@ The text projection also sees a batch of phrases from the whole vocabulary every
 the VQ and a supervised contrastive loss that keeps "left lung" and "right lung" apart.
 
 Multi-process: ``torchrun --nproc-per-node N -m training.train ...`` (gloo on CPU, nccl on GPU);
-rank 0 logs and checkpoints. ``--amp``: float16 on CUDA, bfloat16 on CPU (see :func:`amp_dtype_for`).
+rank 0 logs and checkpoints. ``--amp``: float16 on CUDA, bfloat16 on CPUs that have it (see :func:`amp_dtype_for`).
 Resume with ``--resume OUT`` (weights + optimizer + step + RNG).
 """
 from __future__ import annotations
@@ -761,8 +761,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start a NEW run from another checkpoint's weights wherever names and shapes match")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: float16 + grad scaling on CUDA, bfloat16 on CPU "
-                             "(faster only on CPUs with AMX/AVX512-BF16)")
+                        help="mixed precision: float16 + grad scaling on CUDA, bfloat16 on CPUs with "
+                             "AMX/AVX512-BF16; other CPUs train in float32 with a warning")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--workers", type=int, default=d.num_workers,
                         help="data loader worker processes per training process (default: 0 on a CPU with "
