@@ -242,3 +242,20 @@ def test_relabel_matches_a_fresh_render_with_the_new_vocabulary(tmp_path):
         relabel_dataset(tmp_path / "new", tmp_path / "fewer", vocabulary=str(liver_only), progress=False)
     assert relabel_dataset(tmp_path / "old", tmp_path / "liver", vocabulary=str(liver_only),
                            progress=False)["hidden_by"]["lungs"] == ["liver"]
+
+
+@pytest.mark.slow
+def test_default_renders_end_every_lung_class_at_the_diaphragm(tmp_path):
+    """The shipped convention (radiologists' lung fields): no lung pixel where an upper-abdomen organ projects."""
+    render_dataset([CTSpec("example", voxel_mm=8.0)], tmp_path / "d", views=2, size=64, seed=21, shard_size=2,
+                   progress=False)
+    data = ShardDataset(tmp_path / "d")
+    lungs = [n for n in data.classes if "lung" in n]
+    assert len(lungs) == 8  # five lobes, left, right, both
+    abdomen = [data.classes.index(n) for n in ("liver", "spleen", "stomach", "colon")]
+    for k in range(len(data)):
+        masks = data[k]["masks"]
+        below = masks[abdomen].any(axis=0)
+        assert below.any() and masks[data.classes.index("lungs")].any()  # not vacuous
+        for name in lungs:
+            assert not (masks[data.classes.index(name)] & below).any(), name
