@@ -174,3 +174,30 @@ def test_zoom_out_moves_masks_with_the_image_and_puts_air_around():
     assert not np.array_equal(zoom_out(raw, masks, seed=4)[0], image)
     with pytest.raises(ValueError, match="expected image"):
         zoom_out(raw, masks[:, :32], seed=0)
+
+
+def test_inspiration_stretch_lowers_the_lung_base_under_a_fixed_apex():
+    from training.data.augment import INSPIRATION_SCALE, inspiration_stretch
+
+    rng = np.random.default_rng(0)
+    raw = np.zeros((64, 64), np.float32)
+    raw[8:30, 10:54] = 1.0   # "lungs", air-dark in the line integral's terms: its own density here
+    raw[30:56, 10:54] = 4.0  # "liver" under the dome
+    masks = np.stack([raw == 1.0, raw == 4.0] + [rng.random((64, 64)) < 0.5 for _ in range(9)])
+    image, out = inspiration_stretch(raw, masks, lungs=0, seed=3)
+    again_image, again = inspiration_stretch(raw, masks, lungs=0, seed=3)
+    assert np.array_equal(image, again_image) and np.array_equal(out, again)  # seeded
+    assert out.shape == masks.shape and out.dtype == bool and image.shape == raw.shape
+    rows = np.flatnonzero(out[0].any(axis=1))
+    assert rows[0] == 8  # the apex stays
+    assert 29 < rows[-1] <= 8 + 22 * INSPIRATION_SCALE[1]  # the base went down, by at most the largest scale
+    assert np.array_equal(out[0].any(axis=0), masks[0].any(axis=0))  # nothing moves sideways
+    for k, value in ((0, 1.0), (1, 4.0)):  # each mask still sits on its own density (no edge blending)
+        assert (np.abs(image[out[k]] - value) < 1e-5).mean() > 0.95
+    liver = np.flatnonzero(out[1].any(axis=1))
+    assert liver[0] == rows[-1] + 1 and liver.size == 26  # the abdomen below moved down, unscaled
+    assert not np.array_equal(inspiration_stretch(raw, masks, lungs=0, seed=4)[1][0], out[0])
+    no_lungs = masks.copy()
+    no_lungs[0] = False
+    unchanged = inspiration_stretch(raw, no_lungs, lungs=0, seed=3)
+    assert unchanged[0] is raw and unchanged[1] is no_lungs

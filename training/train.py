@@ -84,6 +84,7 @@ class TrainOptions:
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     warp_prob: float = 0.0  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
     zoom_out_prob: float = 0.0  # chance of shrinking a render into the frame with air around it (field of view)
+    inspiration_prob: float = 0.0  # chance of lowering the lungs' base under their apex (deeper inspiration)
     text_batch: int = 256  # vocabulary phrases per step for the VQ / contrastive losses
     contrastive_weight: float = 0.5
     focal_weight: float = 20.0  # SAM's focal:dice ratio
@@ -755,6 +756,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom-out-prob", type=float, default=d.zoom_out_prob,
                         help="chance of shrinking a render and its masks into the frame, air around them "
                              "(field of view: lungs that do not fill the frame)")
+    parser.add_argument("--inspiration-prob", type=float, default=d.inspiration_prob,
+                        help="chance of stretching a render and its masks between the lung apex and base, the "
+                             "abdomen shifted down (deeper inspiration: a lower dome under the same apex)")
     parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step, epoch, RNG, "
                                            "wall time); --steps may change the schedule's length")
     parser.add_argument("--init-from", default=None,
@@ -801,6 +805,7 @@ def main(args: argparse.Namespace) -> int:
         deepest_click_prob=args.deepest_click_prob, mask_only_rounds=args.mask_only_rounds,
         feedback=args.feedback, seed=args.seed,
         crop_prob=args.crop_prob, warp_prob=args.warp_prob, zoom_out_prob=args.zoom_out_prob,
+        inspiration_prob=args.inspiration_prob,
         focal_weight=args.focal_weight,
         focal_alpha=args.focal_alpha,
         init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
@@ -810,7 +815,8 @@ def main(args: argparse.Namespace) -> int:
                     **({"initialized_from": checkpoint_provenance(args.init_from)} if args.init_from else {})})
 
     parts = [ShardDataset(root, augment=True, seed=args.seed, warp_prob=args.warp_prob,
-                          zoom_out_prob=args.zoom_out_prob) for root in args.data]
+                          zoom_out_prob=args.zoom_out_prob, inspiration_prob=args.inspiration_prob)
+             for root in args.data]
 
     def make_train_dataset(epoch: int) -> Dataset:
         """Re-read the manifests (a render may still be adding shards) and reseed the augmentation."""

@@ -18,7 +18,8 @@ rotation/shear and a smooth elastic field (albumentations) stand in for other bo
 masks together. :func:`zoom_out` shrinks the raw render and its masks into the frame with air around them:
 the bundled CT's views fill the frame with the chest, and the model learned lungs that fill a fixed share of
 the frame (on real films its lung masks grow when the film is padded and shrink when it is cropped), while
-films also show the neck, shoulders and air around the body.
+films also show the neck, shoulders and air around the body. :func:`inspiration_stretch` lowers the dome under
+a fixed apex (deeper inspiration), which a uniform scale cannot.
 None ever flips horizontally (laterality matters).
 """
 from __future__ import annotations
@@ -126,6 +127,39 @@ def zoom_out(raw: np.ndarray, masks: np.ndarray, seed: int, epoch: int = 0,
     placed[y0:y0 + new_h, x0:x0 + new_w] = cv2.resize(packed, (new_w, new_h),
                                                       interpolation=cv2.INTER_NEAREST).reshape(new_h, new_w, -1)
     return image, _unpack_channels_last(placed, len(masks))
+
+
+INSPIRATION_SCALE = (1.05, 1.35)  # lung height after / before: the dome descends, the rib spaces widen
+
+
+def inspiration_stretch(raw: np.ndarray, masks: np.ndarray, lungs: int, seed: int, epoch: int = 0,
+                        index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A raw render (H, W) and its masks (C, H, W) bool stretched vertically between the lung apex and the lowest
+    lung row, the abdomen below shifted down unscaled (its lowest rows leave the frame): a deeper inspiration.
+    The bundled CT is a supine, shallow-inspiration scan whose dome sits high; upright films are taken in deep
+    inspiration, so the model must find where a lung ends from the dome's edge in the image, not from its height
+    under the apex (the uniform scale of :func:`anatomy_warp` keeps that ratio). ``lungs``: the channel whose
+    rows fix the apex and the base; a view without it is returned unchanged."""
+    _check_image_and_masks(raw, masks)
+    rows = np.flatnonzero(masks[lungs].any(axis=1))
+    if rows.size < 2:
+        return raw, masks
+    h, w = raw.shape
+    rng = np.random.default_rng(_seed(seed, epoch, index, 0x1A5))
+    apex, base = float(rows[0]), float(rows[-1])
+    new_base = apex + (base - apex) * rng.uniform(*INSPIRATION_SCALE)
+    # Output row -> source row, increasing: above the apex unchanged, apex..base stretched onto apex..new_base,
+    # below that the same rows shifted down.
+    out_rows = np.arange(h, dtype=np.float64)
+    source_rows = np.where(out_rows <= new_base, np.interp(out_rows, [0.0, apex, new_base], [0.0, apex, base]),
+                           base + out_rows - new_base)
+    map_y = np.repeat(source_rows.astype(np.float32)[:, None], w, axis=1)
+    map_x = np.repeat(np.arange(w, dtype=np.float32)[None, :], h, axis=0)
+    image = cv2.remap(raw.astype(np.float32), map_x, map_y, interpolation=cv2.INTER_LINEAR,
+                      borderMode=cv2.BORDER_REPLICATE)
+    packed = cv2.remap(_pack_channels_last(masks), map_x, map_y, interpolation=cv2.INTER_NEAREST,
+                       borderMode=cv2.BORDER_REPLICATE)
+    return image, _unpack_channels_last(packed, len(masks))
 
 
 def anatomy_warp(image: np.ndarray, masks: np.ndarray, seed: int, epoch: int = 0,

@@ -113,18 +113,21 @@ class ShardDataset(torch.utils.data.Dataset):
     ``augment=True`` applies :func:`training.data.augment.domain_randomize` seeded by (seed, epoch, item's
     render seed), so an epoch is reproducible; call :meth:`set_epoch` each epoch. ``warp_prob``: chance of
     also applying :func:`training.data.augment.anatomy_warp` (same seeding) to image and masks together;
-    ``zoom_out_prob``: chance of first shrinking the raw render and masks into the frame (:func:`zoom_out`).
+    ``zoom_out_prob``: chance of first shrinking the raw render and masks into the frame (:func:`zoom_out`);
+    ``inspiration_prob``: chance of, before that, lowering the lungs' base under their apex
+    (:func:`inspiration_stretch`, anchored on the ``lungs`` class; views of folders without it are left alone).
     :meth:`refresh` picks up shards that a running render has finished since. Decompressed shards are kept in
     a small LRU cache.
     """
 
     def __init__(self, root, ct_ids=None, augment: bool = False, seed: int = 0, cache_shards: int = 8,
-                 warp_prob: float = 0.0, zoom_out_prob: float = 0.0):
+                 warp_prob: float = 0.0, zoom_out_prob: float = 0.0, inspiration_prob: float = 0.0):
         self.root = Path(root)
         self.ct_ids = None if ct_ids is None else set(ct_ids)
         self.augment = augment
         self.warp_prob = warp_prob
         self.zoom_out_prob = zoom_out_prob
+        self.inspiration_prob = inspiration_prob
         self.seed = seed
         self.epoch = 0
         self.cache_shards = cache_shards
@@ -164,9 +167,13 @@ class ShardDataset(torch.utils.data.Dataset):
         image = shard["images"][k].astype(np.float32)
         masks = unpack_masks(shard["masks"][k], size)
         if self.augment:
-            from .augment import anatomy_warp, domain_randomize, zoom_out
+            from .augment import anatomy_warp, domain_randomize, inspiration_stretch, zoom_out
 
             view_seed = int(item.get("seed", i))
+            if self.inspiration_prob and "lungs" in self.classes and \
+                    np.random.default_rng([self.seed, self.epoch, view_seed, 2]).random() < self.inspiration_prob:
+                image, masks = inspiration_stretch(image, masks, self.classes.index("lungs"), self.seed, self.epoch,
+                                                   view_seed)
             if self.zoom_out_prob and np.random.default_rng([self.seed, self.epoch, view_seed, 1]).random() < \
                     self.zoom_out_prob:
                 image, masks = zoom_out(image, masks, self.seed, self.epoch, view_seed)
