@@ -181,9 +181,10 @@ def test_inspiration_stretch_lowers_the_lung_base_under_a_fixed_apex():
 
     rng = np.random.default_rng(0)
     raw = np.zeros((64, 64), np.float32)
-    raw[8:30, 10:54] = 1.0   # "lungs", air-dark in the line integral's terms: its own density here
-    raw[30:56, 10:54] = 4.0  # "liver" under the dome
-    masks = np.stack([raw == 1.0, raw == 4.0] + [rng.random((64, 64)) < 0.5 for _ in range(9)])
+    raw[8:30, 10:54] = 1.0   # "lungs" and, under the dome, "liver", of distinct densities
+    raw[30:56, 10:54] = 4.0
+    # 40 classes: 5 packed bytes per pixel, more channels than OpenCV's 4-channel fast paths
+    masks = np.stack([raw == 1.0, raw == 4.0] + [rng.random((64, 64)) < 0.5 for _ in range(38)])
     image, out = inspiration_stretch(raw, masks, lungs=0, seed=3)
     again_image, again = inspiration_stretch(raw, masks, lungs=0, seed=3)
     assert np.array_equal(image, again_image) and np.array_equal(out, again)  # seeded
@@ -196,6 +197,8 @@ def test_inspiration_stretch_lowers_the_lung_base_under_a_fixed_apex():
         assert (np.abs(image[out[k]] - value) < 1e-5).mean() > 0.95
     liver = np.flatnonzero(out[1].any(axis=1))
     assert liver[0] == rows[-1] + 1 and liver.size == 26  # the abdomen below moved down, unscaled
+    alone = inspiration_stretch(raw, masks[[0, 39]], lungs=0, seed=3)[1]
+    assert np.array_equal(alone[1], out[39])  # the last packed byte moved as that class would alone
     assert not np.array_equal(inspiration_stretch(raw, masks, lungs=0, seed=4)[1][0], out[0])
     no_lungs = masks.copy()
     no_lungs[0] = False
