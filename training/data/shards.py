@@ -158,6 +158,11 @@ class ShardDataset(torch.utils.data.Dataset):
             self._cache.popitem(last=False)
         return shard
 
+    def _draws(self, probability: float, view_seed: int, *stream: int) -> bool:
+        """Whether an optional augmentation applies to this view this epoch (its own seeded stream per kind)."""
+        return bool(probability) and \
+            np.random.default_rng([self.seed, self.epoch, view_seed, *stream]).random() < probability
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self.items):
             raise IndexError(f"item {i} out of range for {len(self.items)} items")
@@ -170,15 +175,13 @@ class ShardDataset(torch.utils.data.Dataset):
             from .augment import anatomy_warp, domain_randomize, inspiration_stretch, zoom_out
 
             view_seed = int(item.get("seed", i))
-            if self.inspiration_prob and "lungs" in self.classes and \
-                    np.random.default_rng([self.seed, self.epoch, view_seed, 2]).random() < self.inspiration_prob:
+            if "lungs" in self.classes and self._draws(self.inspiration_prob, view_seed, 2):
                 image, masks = inspiration_stretch(image, masks, self.classes.index("lungs"), self.seed, self.epoch,
                                                    view_seed)
-            if self.zoom_out_prob and np.random.default_rng([self.seed, self.epoch, view_seed, 1]).random() < \
-                    self.zoom_out_prob:
+            if self._draws(self.zoom_out_prob, view_seed, 1):
                 image, masks = zoom_out(image, masks, self.seed, self.epoch, view_seed)
             image = domain_randomize(image, self.seed, self.epoch, view_seed)
-            if self.warp_prob and np.random.default_rng([self.seed, self.epoch, view_seed]).random() < self.warp_prob:
+            if self._draws(self.warp_prob, view_seed):
                 image, masks = anatomy_warp(image, masks, self.seed, self.epoch, view_seed)
         return {"image": image, "masks": masks, "present": shard["present"][k].copy(), "ct_id": item["ct_id"],
                 "index": i}
