@@ -19,7 +19,7 @@ masks together. :func:`zoom_out` shrinks the raw render and its masks into the f
 the bundled CT's views fill the frame with the chest, and the model learned lungs that fill a fixed share of
 the frame (on real films its lung masks grow when the film is padded and shrink when it is cropped), while
 films also show the neck, shoulders and air around the body. :func:`inspiration_stretch` lowers the dome under
-a fixed apex and compresses the abdomen below (deeper inspiration), which a uniform scale cannot.
+a fixed apex (deeper inspiration), which a uniform scale cannot.
 None ever flips horizontally (laterality matters).
 """
 from __future__ import annotations
@@ -130,32 +130,29 @@ def zoom_out(raw: np.ndarray, masks: np.ndarray, seed: int, epoch: int = 0,
 
 
 INSPIRATION_SCALE = (1.05, 1.35)  # lung height after / before: the dome descends, the rib spaces widen
-ABDOMEN_MIN_SCALE = 0.6  # the abdomen below is compressed by at most this much; it caps the stretch near the bottom
 
 
 def inspiration_stretch(raw: np.ndarray, masks: np.ndarray, lungs: int, seed: int, epoch: int = 0,
                         index: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A raw render (H, W) and its masks (C, H, W) bool stretched vertically between the lung apex and the lowest
-    lung row, the abdomen below compressed into the rows left (it stays in the frame): a deeper inspiration.
+    lung row, the abdomen below shifted down unscaled (its lowest rows leave the frame): a deeper inspiration.
     The bundled CT is a supine, shallow-inspiration scan whose dome sits high; upright films are taken in deep
     inspiration, so the model must find where a lung ends from the dome's edge in the image, not from its height
-    under the apex (the uniform scale of :func:`anatomy_warp` keeps that ratio). Shifting the abdomen down and out
-    of the frame instead taught the renders' kidneys and lumbar spine to sit lower (candidate G in the training
-    log); compressed, every organ keeps its order and its bottom edge. Lungs that end near the bottom of the frame
-    are stretched less (the abdomen keeps >= ``ABDOMEN_MIN_SCALE`` of its height). ``lungs``: the channel whose
-    rows fix the apex and the base; a view without it, or whose lungs reach the bottom row, is returned unchanged."""
+    under the apex (the uniform scale of :func:`anatomy_warp` keeps that ratio). ``lungs``: the channel whose
+    rows fix the apex and the base; a view without it is returned unchanged."""
     _check_image_and_masks(raw, masks)
     rows = np.flatnonzero(masks[lungs].any(axis=1))
-    h, w = raw.shape
-    if rows.size < 2 or rows[-1] >= h - 1:
+    if rows.size < 2:
         return raw, masks
+    h, w = raw.shape
     rng = np.random.default_rng(_seed(seed, epoch, index, 0x1A5))
-    apex, base, bottom = float(rows[0]), float(rows[-1]), float(h - 1)
-    new_base = min(apex + (base - apex) * rng.uniform(*INSPIRATION_SCALE),
-                   bottom - ABDOMEN_MIN_SCALE * (bottom - base))
+    apex, base = float(rows[0]), float(rows[-1])
+    new_base = apex + (base - apex) * rng.uniform(*INSPIRATION_SCALE)
     # Output row -> source row, increasing: above the apex unchanged, apex..base stretched onto apex..new_base,
-    # base..bottom compressed onto new_base..bottom.
-    source_rows = np.interp(np.arange(h, dtype=np.float64), [0.0, apex, new_base, bottom], [0.0, apex, base, bottom])
+    # below that the same rows shifted down.
+    out_rows = np.arange(h, dtype=np.float64)
+    source_rows = np.where(out_rows <= new_base, np.interp(out_rows, [0.0, apex, new_base], [0.0, apex, base]),
+                           base + out_rows - new_base)
     map_y = np.repeat(source_rows.astype(np.float32)[:, None], w, axis=1)
     map_x = np.repeat(np.arange(w, dtype=np.float32)[None, :], h, axis=0)
     image = cv2.remap(raw.astype(np.float32), map_x, map_y, interpolation=cv2.INTER_LINEAR,
