@@ -758,7 +758,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(field of view: lungs that do not fill the frame)")
     parser.add_argument("--inspiration-prob", type=float, default=d.inspiration_prob,
                         help="chance of stretching a render and its masks between the lung apex and base, the "
-                             "abdomen shifted down, then the view zoomed out to keep it whole (deeper inspiration)")
+                             "abdomen shifted down (deeper inspiration: a lower dome under the same apex)")
     parser.add_argument("--resume", help="checkpoint folder to continue from (weights, optimizer, step, epoch, RNG, "
                                            "wall time); --steps may change the schedule's length")
     parser.add_argument("--init-from", default=None,

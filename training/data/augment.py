@@ -19,7 +19,7 @@ masks together. :func:`zoom_out` shrinks the raw render and its masks into the f
 the bundled CT's views fill the frame with the chest, and the model learned lungs that fill a fixed share of
 the frame (on real films its lung masks grow when the film is padded and shrink when it is cropped), while
 films also show the neck, shoulders and air around the body. :func:`inspiration_stretch` lowers the dome under
-the apex (deeper inspiration), which a uniform scale cannot, and zooms out to keep the abdomen whole.
+a fixed apex (deeper inspiration), which a uniform scale cannot.
 None ever flips horizontally (laterality matters).
 """
 from __future__ import annotations
@@ -135,13 +135,11 @@ INSPIRATION_SCALE = (1.05, 1.35)  # lung height after / before: the dome descend
 def inspiration_stretch(raw: np.ndarray, masks: np.ndarray, lungs: int, seed: int, epoch: int = 0,
                         index: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A raw render (H, W) and its masks (C, H, W) bool stretched vertically between the lung apex and the lowest
-    lung row, the abdomen below shifted down unscaled, then the taller view zoomed out uniformly into the frame
-    (air at the sides) so the whole abdomen stays in it: a deeper inspiration.
+    lung row, the abdomen below shifted down unscaled (its lowest rows leave the frame): a deeper inspiration.
     The bundled CT is a supine, shallow-inspiration scan whose dome sits high; upright films are taken in deep
     inspiration, so the model must find where a lung ends from the dome's edge in the image, not from its height
-    under the apex (the uniform scale of :func:`anatomy_warp` keeps that ratio). Shifting the abdomen out of the
-    frame cost the renders their lowest organs; squeezing it into the frame changed its shape (training log).
-    ``lungs``: the channel whose rows fix the apex and the base; a view without it is returned unchanged."""
+    under the apex (the uniform scale of :func:`anatomy_warp` keeps that ratio). ``lungs``: the channel whose
+    rows fix the apex and the base; a view without it is returned unchanged."""
     _check_image_and_masks(raw, masks)
     rows = np.flatnonzero(masks[lungs].any(axis=1))
     if rows.size < 2:
@@ -150,20 +148,17 @@ def inspiration_stretch(raw: np.ndarray, masks: np.ndarray, lungs: int, seed: in
     rng = np.random.default_rng(_seed(seed, epoch, index, 0x1A5))
     apex, base = float(rows[0]), float(rows[-1])
     new_base = apex + (base - apex) * rng.uniform(*INSPIRATION_SCALE)
-    zoom = h / (h + new_base - base)  # the stretched view is this much taller than the frame
-    # Output pixel -> pixel of the stretched, taller view (zoomed out about the top edge, centred sideways) ->
-    # source pixel: above the apex unchanged, apex..base stretched onto apex..new_base, below that shifted down.
-    tall_rows = (np.arange(h, dtype=np.float64) + 0.5) / zoom - 0.5
-    source_rows = np.where(tall_rows <= new_base,
-                           np.interp(tall_rows, [0.0, apex, new_base], [0.0, apex, base]),
-                           np.minimum(base + tall_rows - new_base, h - 1))
-    source_cols = (np.arange(w, dtype=np.float64) + 0.5 - w * (1 - zoom) / 2) / zoom - 0.5
+    # Output row -> source row, increasing: above the apex unchanged, apex..base stretched onto apex..new_base,
+    # below that the same rows shifted down.
+    out_rows = np.arange(h, dtype=np.float64)
+    source_rows = np.where(out_rows <= new_base, np.interp(out_rows, [0.0, apex, new_base], [0.0, apex, base]),
+                           base + out_rows - new_base)
     map_y = np.repeat(source_rows.astype(np.float32)[:, None], w, axis=1)
-    map_x = np.repeat(source_cols.astype(np.float32)[None, :], h, axis=0)
+    map_x = np.repeat(np.arange(w, dtype=np.float32)[None, :], h, axis=0)
     image = cv2.remap(raw.astype(np.float32), map_x, map_y, interpolation=cv2.INTER_LINEAR,
-                      borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+                      borderMode=cv2.BORDER_REPLICATE)
     packed = cv2.remap(_pack_channels_last(masks), map_x, map_y, interpolation=cv2.INTER_NEAREST,
-                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                       borderMode=cv2.BORDER_REPLICATE)
     return image, _unpack_channels_last(packed, len(masks))
 
 
