@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("training.data.cli", "render synthetic X-rays, export eval sets"),
     "train": ("training.train", "train a FluoroSAM model"),
     "fit-iou-head": ("training.iou_head", "fit the mask-aware IoU head alone on a frozen model"),
+    "average": ("training.average", "average the weights of fine-tunes of one model (a model soup)"),
     "evaluate": ("training.evaluate", "evaluate a model on an eval-set folder"),
     "compare": ("training.compare", "paired per-item differences between two evaluations of one eval set"),
     "export": ("engine.export", "export a checkpoint to ONNX"),

@@ -197,3 +197,45 @@ def test_checkpoint_round_trip_bit_exact(mini_model, tmp_path):
 def test_load_checkpoint_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.json"):
         load_checkpoint(tmp_path)
+
+
+def test_average_of_fine_tunes(tmp_path):
+    """The mean of the weights, the strictest refusal thresholds until recalibrated, mismatches refused."""
+    from training.average import average_checkpoints
+
+    torch.manual_seed(1)
+    table = torch.randn(5, MINI.text_dim)
+    folders = []
+    for k, (distance_max, similarity_min, min_score) in enumerate(((3.0, 0.5, 0.3), (4.0, 0.7, None))):
+        model = FluoroSAM(MINI).eval()
+        model.set_phrase_table(table)
+        model.set_oov_thresholds(distance_max, similarity_min)
+        save_checkpoint(model, tmp_path / str(k), {"vocabulary_sha256": "v", "data_manifest_sha256": "d",
+                                                   "min_score": min_score})
+        folders.append(tmp_path / str(k))
+    states = [load_file(str(f / "model.safetensors")) for f in folders]
+    averaged, meta = average_checkpoints(folders)
+    for name, tensor in averaged.state_dict().items():
+        a, b = states[0][name], states[1][name]
+        expected = a if not a.is_floating_point() else ((a.double() + b.double()) / 2).to(a.dtype)
+        assert tensor.dtype == a.dtype and torch.equal(tensor, expected), name
+    assert not torch.equal(states[0]["quantizer.codebook"], states[1]["quantizer.codebook"])  # a real average
+    assert (averaged.oov_code_distance_max, averaged.oov_vocab_similarity_min) == (3.0, 0.7)
+    assert meta["min_score"] == 0.3 and meta["data_manifest_sha256"] == "d" and len(meta["averaged_from"]) == 2
+    save_checkpoint(averaged, tmp_path / "soup", meta)
+    reloaded, _ = load_checkpoint(tmp_path / "soup")
+    assert all(torch.equal(t, averaged.state_dict()[n]) for n, t in reloaded.state_dict().items())
+
+    other = FluoroSAM(MINI).eval()
+    other.set_phrase_table(torch.randn(5, MINI.text_dim))
+    save_checkpoint(other, tmp_path / "other-table", {"vocabulary_sha256": "v"})
+    with pytest.raises(ValueError, match="phrase_table is not trained"):
+        average_checkpoints([folders[0], tmp_path / "other-table"])
+    save_checkpoint(FluoroSAM(MINI).eval(), tmp_path / "other-vocab", {"vocabulary_sha256": "w"})
+    with pytest.raises(ValueError, match="vocabulary_sha256"):
+        average_checkpoints([folders[0], tmp_path / "other-vocab"])
+    with pytest.raises(ValueError, match="at least two"):
+        average_checkpoints(folders[:1])
+    from fluorosam_ros.cli import main
+    assert main(["average", str(folders[0]), str(tmp_path / "other-vocab"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
