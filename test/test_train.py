@@ -65,9 +65,6 @@ def test_sample_prompts_and_error_points():
     assert {(0, 0), (0, 2), (1, 3)} <= pairs  # all present classes (>= 4 px) when fewer than requested
     assert (0, 3) not in pairs  # 2 px is below the prompting threshold, and not "absent" either
     assert sum(1 for b, c in pairs if area[b, c] == 0) == 2  # one absent class per image
-    unknown = torch.tensor([[-1, 0, -1]])  # -1: moved out of the frame by an augmentation; never prompted
-    for _ in range(20):
-        assert sample_prompts(unknown, 8, 1, g)[1].tolist() == [1]
     target = torch.zeros(1, 8, 8, dtype=torch.bool)
     target[0, 2:4, 2:4] = True
     coords, labels = sample_error_points(torch.zeros_like(target), target, 5, g)
@@ -282,17 +279,6 @@ def test_ddp_two_gloo_processes_keep_replicas_identical(tmp_path):
     loaded, meta = load_checkpoint(tmp_path)  # rank 0's checkpoint is the replicas' weights
     assert meta["training"]["world_size"] == 2
     assert all(torch.equal(v, a[k]) for k, v in loaded.state_dict().items())
-
-
-def test_prepare_batch_marks_unknown_classes():
-    from training.train import prepare_batch
-
-    masks = np.zeros((3, 32, 32), bool)
-    masks[0, 4:20, 4:20] = True
-    item = {"image": np.random.default_rng(0).random((32, 32)).astype(np.float32), "masks": masks, "index": 0}
-    assert prepare_batch([item], 32)["area"].tolist() == [[256, 0, 0]]
-    item["unknown"] = np.array([False, True, False])
-    assert prepare_batch([item], 32)["area"].tolist() == [[256, -1, 0]]
 
 
 def test_prepare_batch_crop_keeps_masks_aligned_with_pixels():

@@ -180,7 +180,6 @@ def prepare_batch(items: list[dict], image_size: int, crop_prob: float = 0.0, se
     it to the model size (pad bottom/right), normalize; masks go through the same letterbox (nearest).
 
     ``crop_prob``: chance of first cropping an item to a non-square frame (training augmentation).
-    ``area`` counts each class's pixels, -1 for an item's ``unknown`` classes, which are then never prompted.
     """
     images, masks = [], []
     for item in items:
@@ -200,9 +199,6 @@ def prepare_batch(items: list[dict], image_size: int, crop_prob: float = 0.0, se
     masks_t = torch.stack(masks)
     # numpy counts bools ~6x faster than torch's sum (which widens to int64 first): this ran in the loader.
     area = torch.from_numpy(np.count_nonzero(masks_t.numpy().reshape(*masks_t.shape[:2], -1), axis=-1))
-    for b, item in enumerate(items):
-        if "unknown" in item:
-            area[b, torch.from_numpy(np.asarray(item["unknown"], bool))] = -1
     return {"images": torch.stack(images)[:, None], "masks": masks_t, "area": area}
 
 
@@ -218,8 +214,7 @@ class _Collate:
 
 def sample_prompts(area: Tensor, prompts_per_image: int, absent_per_image: int, generator: torch.Generator,
                    boosted: Tensor | None = None, boosted_per_image: int = 0) -> tuple[Tensor, Tensor]:
-    """Pick (image index, class index) pairs: present classes weighted by sqrt(area), plus absent ones
-    (area 0; -1 marks a class of unknown extent in that view, never picked).
+    """Pick (image index, class index) pairs: present classes weighted by sqrt(area), plus absent ones.
 
     sqrt(area) favours the large structures users ask for without starving small ones. ``boosted`` (bool per
     class) marks classes of which up to ``boosted_per_image`` present ones are drawn first, uniformly, on top

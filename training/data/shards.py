@@ -108,8 +108,7 @@ def split_by_ct(manifest_root: str | Path, val_fraction: float, seed: int) -> tu
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Items of a shard folder as dicts: image (H,W) float32, masks (C,H,W) bool, present (C,), unknown (C,),
-    ct_id, index.
+    """Items of a shard folder as dicts: image (H,W) float32, masks (C,H,W) bool, present (C,), ct_id, index.
 
     ``augment=True`` applies :func:`training.data.augment.domain_randomize` seeded by (seed, epoch, item's
     render seed), so an epoch is reproducible; call :meth:`set_epoch` each epoch. ``warp_prob``: chance of
@@ -117,9 +116,8 @@ class ShardDataset(torch.utils.data.Dataset):
     ``zoom_out_prob``: chance of first shrinking the raw render and masks into the frame (:func:`zoom_out`);
     ``inspiration_prob``: chance of, before that, lowering the lungs' base under their apex
     (:func:`inspiration_stretch`, anchored on the ``lungs`` class; views of folders without it are left alone).
-    ``unknown`` (C,) bool marks classes an augmentation moved wholly out of the frame: training prompts them
-    neither as present nor as absent. :meth:`refresh` picks up shards that a running render has finished since.
-    Decompressed shards are kept in a small LRU cache.
+    :meth:`refresh` picks up shards that a running render has finished since. Decompressed shards are kept in
+    a small LRU cache.
     """
 
     def __init__(self, root, ct_ids=None, augment: bool = False, seed: int = 0, cache_shards: int = 8,
@@ -173,22 +171,17 @@ class ShardDataset(torch.utils.data.Dataset):
         k, size = item["index"], self.image_size
         image = shard["images"][k].astype(np.float32)
         masks = unpack_masks(shard["masks"][k], size)
-        unknown = np.zeros(len(masks), bool)
         if self.augment:
             from .augment import anatomy_warp, domain_randomize, inspiration_stretch, zoom_out
 
             view_seed = int(item.get("seed", i))
             if "lungs" in self.classes and self._draws(self.inspiration_prob, view_seed, 2):
-                shown = masks.any(axis=(1, 2))
                 image, masks = inspiration_stretch(image, masks, self.classes.index("lungs"), self.seed, self.epoch,
                                                    view_seed)
-                # A class the shift pushed wholly out of the frame is not absent from this body: teaching it as
-                # absent taught the renders' kidneys and lumbar vertebrae away (training log, G and G2).
-                unknown = shown & ~masks.any(axis=(1, 2))
             if self._draws(self.zoom_out_prob, view_seed, 1):
                 image, masks = zoom_out(image, masks, self.seed, self.epoch, view_seed)
             image = domain_randomize(image, self.seed, self.epoch, view_seed)
             if self._draws(self.warp_prob, view_seed):
                 image, masks = anatomy_warp(image, masks, self.seed, self.epoch, view_seed)
-        return {"image": image, "masks": masks, "present": shard["present"][k].copy(), "unknown": unknown,
-                "ct_id": item["ct_id"], "index": i}
+        return {"image": image, "masks": masks, "present": shard["present"][k].copy(), "ct_id": item["ct_id"],
+                "index": i}
