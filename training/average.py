@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from training.model import FluoroSAM, FluoroSAMConfig, save_checkpoint
-from training.model.checkpoint import WEIGHTS_FILE, read_meta
+from training.model import FluoroSAM, save_checkpoint
+from training.model.checkpoint import WEIGHTS_FILE, model_from_state, read_meta
 
 MUST_BE_EQUAL = ("phrase_table",)  # set from the vocabulary, never trained
 
@@ -54,15 +54,10 @@ def average_checkpoints(model_dirs: list[str | Path]) -> tuple[FluoroSAM, dict]:
             averaged[name] = first
         else:
             averaged[name] = (sum(t.double() for t in tensors) / len(tensors)).to(first.dtype)
-    model = FluoroSAM(FluoroSAMConfig.from_dict(metas[0]["config"]))
-    if "phrase_table" in averaged:
-        model.set_phrase_table(averaged["phrase_table"])
-    model.load_state_dict(averaged, strict=True)
     oovs = [m.get("oov") or {} for m in metas]
-    distance_max = _strictest([o.get("code_distance_max") for o in oovs], min)
-    similarity_min = _strictest([o.get("vocab_similarity_min") for o in oovs], max)
-    model.set_oov_thresholds(math.inf if distance_max is None else distance_max,
-                             -math.inf if similarity_min is None else similarity_min)
+    strictest_oov = {"code_distance_max": _strictest([o.get("code_distance_max") for o in oovs], min),
+                     "vocab_similarity_min": _strictest([o.get("vocab_similarity_min") for o in oovs], max)}
+    model = model_from_state({"config": metas[0]["config"], "oov": strictest_oov}, averaged)
     manifests = {m.get("data_manifest_sha256") for m in metas}
     meta = {"vocabulary_sha256": metas[0].get("vocabulary_sha256"),
             "data_manifest_sha256": manifests.pop() if len(manifests) == 1 else None,

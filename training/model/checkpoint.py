@@ -64,9 +64,17 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "
     weights_path = Path(model_dir) / WEIGHTS_FILE
     if not weights_path.exists():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {model_dir}")
-    config = FluoroSAMConfig.from_dict(meta["config"])
-    model = FluoroSAM(config)
-    state = load_file(str(weights_path))
+    model = model_from_state(meta, load_file(str(weights_path)))
+    return model.to(device).eval(), meta
+
+
+def model_from_state(meta: dict, state: dict[str, torch.Tensor]) -> FluoroSAM:
+    """The model that ``meta`` (a ``model.json`` document: config, OOV thresholds) and ``state`` describe.
+
+    The phrase table's length depends on the vocabulary, so it is sized from the state before the strict load;
+    a missing OOV threshold refuses nothing.
+    """
+    model = FluoroSAM(FluoroSAMConfig.from_dict(meta["config"]))
     if "phrase_table" in state:
         model.set_phrase_table(state["phrase_table"])
     model.load_state_dict(state, strict=True)
@@ -74,4 +82,4 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "
     model.set_oov_thresholds(
         oov.get("code_distance_max") if oov.get("code_distance_max") is not None else math.inf,
         oov.get("vocab_similarity_min") if oov.get("vocab_similarity_min") is not None else -math.inf)
-    return model.to(device).eval(), meta
+    return model
