@@ -85,6 +85,32 @@ def test_precision_and_recall_tell_over_segmentation_apart(tmp_path):
     assert "| left lung | 100 % / 0 % / 0 % / 0 % | - |" in (tmp_path / "metrics.md").read_text()
 
 
+class WrongChooser(Oracle):
+    """Picks an empty mask while the perfect one is among its candidates: a weak chooser, not weak masks."""
+
+    def predict(self, prompts, clicks, previous):
+        perfect, scores, _ = super().predict(prompts, clicks, previous)
+        self.candidates = [np.stack([np.zeros_like(m), m]) for m in perfect]
+        return [np.zeros_like(m) for m in perfect], scores, None
+
+
+def test_best_of_candidates_tells_a_weak_chooser_apart(tmp_path):
+    items = list(load_eval_items(write_evalset(tmp_path)))
+    metrics = summarize(evaluate_items(WrongChooser(perfect=True), items, [0, 1], show_progress=False))
+    for k in ("0", "1"):
+        entry = metrics["points"][k]
+        assert entry["mean_iou"] == 0.0 and entry["best_of_k_mean_iou"] == 1.0
+        assert entry["largest15_best_of_k_mean_iou"] == 1.0
+        assert entry["per_class"]["left lung"]["best_of_k_iou"] == 1.0
+    from training.evaluate import write_markdown
+
+    write_markdown(metrics, tmp_path / "metrics.md", "t")
+    assert "| best of the model's masks by true IoU, mean (classes) | | 1.000 | 1.000 | | |" in (
+        tmp_path / "metrics.md").read_text()
+    plain = summarize(evaluate_items(Oracle(perfect=True), items, [0], show_progress=False))
+    assert "best_of_k_mean_iou" not in plain["points"]["0"]  # a predictor without candidates reports none
+
+
 def test_min_score_separates_good_from_bad():
     rows = [{"score": s, "iou": i} for s, i in [(0.9, 0.8), (0.8, 0.7), (0.3, 0.1), (0.2, 0.0), (0.6, 0.6)]]
     assert calibrate_min_score(rows) == pytest.approx(0.6)
@@ -122,3 +148,6 @@ def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
     assert model_json["oov"]["vocab_similarity_min"] is not None and model_json["min_score"] is not None
     recorded = model_json["metrics"]["synthetic"]
     assert recorded["points"]["2"]["mean_iou"] == metrics["points"]["2"]["mean_iou"]
+    for entry in metrics["points"].values():  # the pick is one of the candidates, so never beats their best
+        assert all(row["best_of_k_iou"] >= row["iou"] for row in entry["per_class"].values())
+    assert recorded["points"]["0"]["best_of_k_mean_iou"] == metrics["points"]["0"]["best_of_k_mean_iou"]
