@@ -208,10 +208,12 @@ class TorchPredictor:
             labels = torch.from_numpy(labels).to(self.device)
         logits, iou_pred = self.model.decode(self._embedding, enc.tokens, coords, labels, previous)
         best, score = self.model.best_mask(logits, iou_pred)
-        masks = postprocess_masks(best.float().cpu(), self._geo) > 0
-        every = postprocess_masks(logits.flatten(0, 1).float().cpu(), self._geo) > 0
-        self.candidates = list(every.numpy().reshape(logits.shape[0], logits.shape[1], *every.shape[-2:]))
-        return list(masks.numpy()), score.float().cpu().tolist(), best[:, None]
+        # Every candidate on the frame once; the pick is taken from them by the same rule, not upsampled again.
+        every = postprocess_masks(logits.flatten(0, 1).float().cpu(), self._geo)
+        every = every.reshape(*logits.shape[:2], *every.shape[-2:])
+        picked, _ = self.model.best_mask(every, iou_pred.cpu())
+        self.candidates = list((every > 0).numpy())
+        return list((picked > 0).numpy()), score.float().cpu().tolist(), best[:, None]
 
     @torch.no_grad()
     def refused(self, prompts):
