@@ -7,8 +7,10 @@ data-dependent control flow and fixed shapes except the prompt count K (and the 
   models with high-resolution features, high_res_2x (1, 64, 2h, 2w) and high_res_4x (1, 32, 4h, 4w)
 * ``prompt_decoder.onnx``: the encoder's outputs, text_tokens (K, 256), point_coords (K, P, 2)
   model-input pixels, point_labels (K, P) float (1 positive, 0 negative, -1 padding), mask_input
-  (K, 1, 4h, 4w) logits, has_mask_input (K, 1) -> masks (K, 4h, 4w) best-mask logits, scores (K,) its
-  predicted IoU, iou_predictions (K, 3). The best of the 3 masks is picked inside the graph.
+  (K, 1, 4h, 4w) logits, has_mask_input (K, 1) -> masks (K, 4h, 4w) chosen-mask logits, scores (K,) its
+  predicted IoU, iou_predictions (K, 3) of the multimask output. The mask is chosen inside the graph by
+  ``training.model.fluorosam.choose_output``: the single-mask token for prompts with at least the model's
+  ``single_mask_min_points`` clicks, else the best of the 3 masks.
 
 SAM appends one padding point whenever points are given; the graph does not (that would be control
 flow), so callers pass P = 0 for text-only prompts and append the padding point themselves
@@ -104,6 +106,10 @@ class PromptDecoderExport(nn.Module):
         self.mask_decoder = with_channel_layernorm(model.mask_decoder)
         self.input_size = float(config.image_size)
         self.num_embeddings = len(embedding_shapes(config))
+        from training.model.fluorosam import choose_output  # the output rule evaluation uses too
+
+        self._choose_output = choose_output
+        self.single_mask_min_points = config.single_mask_min_points
         # The dense positional encoding depends only on the grid size: a constant of the graph.
         with torch.no_grad():
             self.register_buffer("image_pe", model.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
@@ -131,13 +137,8 @@ class PromptDecoderExport(nn.Module):
         masks, iou_predictions = self.mask_decoder.predict_masks(
             image_embeddings=image_embedding, image_pe=self.image_pe,
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, high_res_features=tuple(high_res))
-        # SAM's multimask output: token 0 is the single-mask output, tokens 1..3 the three masks.
-        masks, iou_predictions = masks[:, 1:], iou_predictions[:, 1:]
-        best = iou_predictions.argmax(dim=1, keepdim=True)  # (K, 1)
-        scores = torch.gather(iou_predictions, 1, best)[:, 0]
-        size = masks.shape[-1]
-        best_masks = torch.gather(masks, 1, best[:, :, None, None].expand(-1, 1, size, size))[:, 0]
-        return best_masks, scores, iou_predictions
+        chosen, scores, _ = self._choose_output(masks, iou_predictions, point_labels, self.single_mask_min_points)
+        return chosen, scores, iou_predictions[:, 1:]  # the multimask output's predicted IoUs
 
 
 def pack_points(point_lists: list[list[tuple[float, float, int]]], to_input) -> tuple[np.ndarray, np.ndarray]:

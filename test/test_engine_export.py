@@ -1,6 +1,7 @@
 """ONNX export: checker-valid graphs, parity with PyTorch, TensorRT operator coverage, text-token table."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -108,15 +109,52 @@ def test_decoder_parity(exported, k, clicks, with_mask):
         assert _iou(masks[i] > 0, best[i].numpy() > 0) >= 0.99
 
 
-def test_every_exported_operator_is_supported_by_tensorrt(exported):
-    _, onnx_dir = exported
+@pytest.fixture(scope="module")
+def exported_single_mask(tmp_path_factory):
+    """A model whose config answers prompts with 2+ clicks with SAM's single-mask token."""
+    torch.manual_seed(1)
+    model_dir = tmp_path_factory.mktemp("single")
+    save_checkpoint(FluoroSAM(dataclasses.replace(get_config("tiny"), single_mask_min_points=2)).eval(), model_dir, {})
+    onnx_dir = export_model(model_dir, tmp_path_factory.mktemp("single_onnx"), with_text_table=False)
+    model, _ = load_checkpoint(model_dir)
+    return model, onnx_dir
+
+
+def test_exported_decoder_follows_the_single_mask_rule(exported_single_mask):
+    """Rows with 1 and 2 clicks in one batch: the graph answers the 2-click row with token 0, the other
+    with the best multimask mask, exactly as evaluation's ``choose_output`` does in torch."""
+    model, onnx_dir = exported_single_mask
+    config = model.config
+    g = torch.Generator().manual_seed(3)
+    embeddings = {name: torch.randn(*shape, generator=g) for name, shape in embedding_shapes(config).items()}
+    tokens = torch.randn(2, 256, generator=g)
+    coords, labels = pack_points([[(40.0, 60.0, 1)], [(40.0, 60.0, 1), (200.0, 100.0, 0)]], lambda xy: xy)
+    mask_input = np.zeros((2, 1, config.mask_hw, config.mask_hw), np.float32)
+    masks, scores, ious = _session(onnx_dir / DECODER_FILE).run(None, {
+        **{name: t.numpy() for name, t in embeddings.items()}, "text_tokens": tokens.numpy(), "point_coords": coords,
+        "point_labels": labels, "mask_input": mask_input, "has_mask_input": np.zeros((2, 1), np.float32)})
+    with torch.no_grad():
+        ref_labels = torch.from_numpy(labels[:, :-1]).long()
+        logits, iou_pred = model.decode_all_tokens(tuple(embeddings.values()), tokens,
+                                                   torch.from_numpy(coords[:, :-1]), ref_labels)
+        chosen, score, single = model.choose_output(logits, iou_pred, ref_labels)
+    assert single.tolist() == [False, True]
+    np.testing.assert_allclose(scores, score.numpy(), atol=1e-3)
+    np.testing.assert_allclose(ious, iou_pred[:, 1:].numpy(), atol=1e-3)
+    for i in range(2):
+        assert _iou(masks[i] > 0, chosen[i].numpy() > 0) >= 0.99
+    assert _iou(masks[1] > 0, logits[1, 0].numpy() > 0) >= 0.99
+
+
+def test_every_exported_operator_is_supported_by_tensorrt(exported, exported_single_mask):
     lines = [line.strip() for line in OPS_FILE.read_text().splitlines()]
     assert any("onnx-tensorrt" in line and "operators.md" in line for line in lines if line.startswith("#"))
     supported = {line for line in lines if line and not line.startswith("#")}
-    for name in (ENCODER_FILE, DECODER_FILE):
-        used = {node.op_type for node in onnx.load(str(onnx_dir / name)).graph.node}
-        assert used, name
-        assert used <= supported, f"{name} uses operators TensorRT 10 does not list: {sorted(used - supported)}"
+    for onnx_dir in (exported[1], exported_single_mask[1]):
+        for name in (ENCODER_FILE, DECODER_FILE):
+            used = {node.op_type for node in onnx.load(str(onnx_dir / name)).graph.node}
+            assert used, name
+            assert used <= supported, f"{name} uses operators TensorRT 10 does not list: {sorted(used - supported)}"
 
 
 def test_layernorm2d_exports_as_single_layernormalization(exported):

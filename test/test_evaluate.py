@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from training.evaluate import (add_arguments, calibrate_min_score, error_placement, evaluate_items,
-                               load_eval_items, main, mask_overlap, next_click, summarize)
+                               load_eval_items, main, mask_overlap, next_click, summarize,
+                               TorchPredictor)
 from training.model import FluoroSAM, get_config, save_checkpoint
 from synthetic_evalset import Oracle, write_evalset
 
@@ -151,3 +152,20 @@ def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
     for entry in metrics["points"].values():  # the pick is one of the candidates, so never beats their best
         assert all(row["best_of_k_iou"] >= row["iou"] for row in entry["per_class"].values())
     assert recorded["points"]["0"]["best_of_k_mean_iou"] == metrics["points"]["0"]["best_of_k_mean_iou"]
+
+
+def test_torch_predictor_answers_multi_click_prompts_with_the_single_mask_token():
+    """A model trained for it answers 2+ clicks with token 0: that mask is the only candidate (no choice made),
+    while a 1-click prompt in the same batch still chooses among the three."""
+    config = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
+                                 swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
+                                 codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0, single_mask_min_points=2)
+    torch.manual_seed(0)
+    predictor = TorchPredictor(FluoroSAM(config))
+    predictor.set_frame(np.random.default_rng(0).uniform(0, 1, (50, 70)).astype(np.float32))
+    masks, _, low_res = predictor.predict(["left lung", "right lung"], [[(10.0, 20.0, 1)],
+                                                                        [(10.0, 20.0, 1), (40.0, 30.0, 0)]], None)
+    assert [c.shape[0] for c in predictor.candidates] == [3, 1]
+    assert np.array_equal(masks[1], predictor.candidates[1][0])
+    assert any(np.array_equal(masks[0], c) for c in predictor.candidates[0])
+    assert low_res.shape == (2, 1, config.mask_hw, config.mask_hw)

@@ -239,3 +239,30 @@ def test_average_of_fine_tunes(tmp_path):
     from fluorosam_ros.cli import main
     assert main(["average", str(folders[0]), str(tmp_path / "other-vocab"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_output_rule_takes_the_single_mask_token_only_with_enough_clicks(mini_model):
+    """SAM's rule, shared by evaluation and the exported decoder: >= N clicks (padding not counted) -> token 0."""
+    from training.model.fluorosam import choose_output
+
+    logits = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 4, 1, 1).expand(3, 4, 2, 2)
+    iou = torch.tensor([[0.9, 0.1, 0.8, 0.2], [0.9, 0.7, 0.1, 0.2], [0.0, 0.1, 0.2, 0.3]])
+    labels = torch.tensor([[1, -1, -1], [1, 0, -1], [0, 1, 1]])  # 1, 2 and 3 clicks
+    chosen, score, single = choose_output(logits, iou, labels, 2)
+    assert single.tolist() == [False, True, True]
+    assert chosen[:, 0, 0].tolist() == [2.0, 4.0, 8.0] and score.tolist() == pytest.approx([0.8, 0.9, 0.0])
+    for never in (choose_output(logits, iou, labels, 0), choose_output(logits, iou, None, 2)):
+        assert not never[2].any() and never[0][:, 0, 0].tolist() == [2.0, 5.0, 11.0]
+
+
+def test_copied_mask_token_answers_like_its_source():
+    torch.manual_seed(0)
+    model = FluoroSAM(MINI).eval()
+    model.mask_decoder.copy_mask_token(2, 0)
+    emb = _random_embeddings(MINI)
+    with torch.no_grad():
+        masks, iou = model.decode_all_tokens(emb, torch.randn(2, MINI.embed_dim))
+    torch.testing.assert_close(masks[:, 0], masks[:, 2])
+    torch.testing.assert_close(iou[:, 0], iou[:, 2])
+    with pytest.raises(ValueError, match="mask-aware"):
+        FluoroSAM(dataclasses.replace(MINI, mask_aware_iou_head=True)).mask_decoder.copy_mask_token(2, 0)

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from training.losses import multimask_loss
-from training.model import FluoroSAM, get_config, load_checkpoint
+from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
 from training.train import (TrainingStep, TrainOptions, run_training, sample_error_points, sample_prompts,
                             with_deepest_clicks)
 from training.vocabulary import Vocabulary
@@ -99,14 +99,15 @@ def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback, loss_resol
     step = TrainingStep(model, _options(mask_only_rounds=1, feedback=feedback, loss_resolution=loss_resolution),
                         torch.Generator().manual_seed(0))
     calls = []
-    decode = model.decode
+    decode = model.decode_all_tokens
 
     def recording_decode(embeddings, tokens, coords=None, labels=None, mask_input=None):
         logits, iou = decode(embeddings, tokens, coords, labels, mask_input)
-        calls.append((0 if coords is None else coords.shape[1], mask_input, logits.detach(), iou.detach()))
+        calls.append((0 if coords is None else coords.shape[1], mask_input, logits[:, 1:].detach(),
+                      iou[:, 1:].detach()))
         return logits, iou
 
-    model.decode = recording_decode
+    model.decode_all_tokens = recording_decode
     item = EllipseChests(n=1)[0]
     images = torch.from_numpy(item["image"])[None, None]
     masks = torch.from_numpy(item["masks"])[None]
@@ -129,6 +130,57 @@ def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback, loss_resol
             best_index = multimask_loss(scored, iou, targets, 20.0, 0.5)["best_index"]
             expected = logits[torch.arange(2), best_index]
         assert torch.equal(fed[:, 0], expected)
+
+
+def test_single_mask_token_learns_on_multi_click_rounds_and_answers_them():
+    """With ``single_mask_min_points`` 2, rounds with 2+ clicks also score token 0 and feed ITS mask back
+    (what inference answers with); rounds with fewer clicks feed back the multimask pick as before."""
+    torch.manual_seed(0)
+    model = FluoroSAM(MINI)
+    step = TrainingStep(model, _options(mask_only_rounds=0, feedback="predicted", single_mask_min_points=2),
+                        torch.Generator().manual_seed(0))
+    calls = []
+    decode = model.decode_all_tokens
+
+    def recording_decode(embeddings, tokens, coords=None, labels=None, mask_input=None):
+        logits, iou = decode(embeddings, tokens, coords, labels, mask_input)
+        calls.append((0 if coords is None else coords.shape[1], mask_input, logits.detach(), iou.detach()))
+        return logits, iou
+
+    model.decode_all_tokens = recording_decode
+    item = EllipseChests(n=1)[0]
+    out = step(torch.from_numpy(item["image"])[None, None], torch.from_numpy(item["masks"])[None],
+               torch.tensor([0, 0]), torch.tensor([0, 2]), torch.randn(2, MINI.text_dim),
+               torch.randn(8, MINI.text_dim), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), interactive_points=3)
+    assert [c[0] for c in calls] == [0, 1, 2, 3]
+    for (clicks, _, logits, iou), (_, fed, _, _) in zip(calls, calls[1:]):
+        expected = logits[:, 0] if clicks >= 2 else FluoroSAM.best_mask(logits[:, 1:], iou[:, 1:])[0]
+        assert torch.equal(fed[:, 0], expected)
+    assert 0.0 <= float(out["iou_single"]) <= 1.0
+    out["loss"].backward()
+    hypernetwork = model.mask_decoder.output_hypernetworks_mlps[0]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in hypernetwork.parameters())
+
+
+def test_decoder_only_training_keeps_encoder_and_text_side_and_saves_the_rule(tmp_path):
+    """--train-parts decoder: the image encoder, text projection and codebook stay bit-exact, the decoder
+    learns; token 0 starts as a copy of the chosen multimask token and model.json carries the output rule."""
+    torch.manual_seed(0)
+    start = tmp_path / "start"
+    save_checkpoint(FluoroSAM(MINI), start, {})
+    before, _ = load_checkpoint(start)
+    model, _ = run_training(MINI, lambda epoch: EllipseChests(), Vocabulary.load(), tmp_path / "run",
+                            _options(steps=4, val_every=0, interactive_prob=1.0, init_from=str(start),
+                                     single_mask_min_points=2, single_mask_init_token=2, train_parts="decoder"))
+    after, meta = load_checkpoint(tmp_path / "run")
+    assert after.config.single_mask_min_points == 2 and meta["config"]["single_mask_min_points"] == 2
+    old, new = dict(before.named_parameters()), dict(after.named_parameters())
+    frozen = [k for k in old if not k.startswith(("prompt_encoder.", "mask_decoder."))]
+    assert len(frozen) > 20 and all(torch.equal(old[k], new[k]) for k in frozen)
+    assert not torch.equal(old["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"],
+                           new["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight"])
+    with pytest.raises(ValueError, match="train_parts"):
+        TrainingStep(FluoroSAM(MINI), _options(train_parts="encoder"), torch.Generator())
 
 
 def test_unknown_feedback_or_loss_resolution_is_refused():

@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,7 @@ VAL_PROMPTS_PER_IMAGE = 16
 # Masks a round can feed back to the next: the lowest-loss one (an oracle) or the IoU head's pick.
 FEEDBACK_CHOICES = ("best", "predicted")
 LOSS_RESOLUTIONS = ("input", "decoder")
+TRAIN_PARTS = ("all", "decoder")
 
 
 @dataclass
@@ -81,6 +82,16 @@ class TrainOptions:
     # Which of the 3 masks is fed back as the dense prompt: "best" (lowest loss against the target,
     # an oracle) or "predicted" (highest predicted IoU: what evaluation and the node feed back).
     feedback: str = "best"
+    # SAM's single-mask token: rounds with at least this many clicks also train output token 0 (focal + dice on
+    # its one mask, MSE on its IoU row) and feed its mask back; the saved config then answers such prompts with
+    # it (``FluoroSAMConfig.single_mask_min_points``). 0 keeps the multimask output for every prompt.
+    single_mask_min_points: int = 0
+    # Multimask token (1..3) copied into token 0 before training starts (warm start); 0: leave token 0 as is.
+    single_mask_init_token: int = 0
+    # Which parameters learn: "all", or "decoder" (prompt encoder + mask decoder; the image encoder runs frozen in
+    # eval mode without a graph, the text projection and codebook stay as loaded). A decoder-only fine-tune
+    # keeps the image features every other prompt relies on and costs about half a step.
+    train_parts: str = "all"
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     warp_prob: float = 0.0  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
     zoom_out_prob: float = 0.0  # chance of shrinking a render into the frame with air around it (field of view)
@@ -291,6 +302,8 @@ class TrainingStep(nn.Module):
         super().__init__()
         if options.feedback not in FEEDBACK_CHOICES:
             raise ValueError(f"feedback must be one of {FEEDBACK_CHOICES}, not {options.feedback!r}")
+        if options.train_parts not in TRAIN_PARTS:
+            raise ValueError(f"train_parts must be one of {TRAIN_PARTS}, not {options.train_parts!r}")
         if options.loss_resolution not in LOSS_RESOLUTIONS:
             raise ValueError(f"loss_resolution must be one of {LOSS_RESOLUTIONS}, not {options.loss_resolution!r}")
         self.model = model
@@ -309,7 +322,14 @@ class TrainingStep(nn.Module):
             contrastive = supervised_contrastive_loss(vectors, torch.cat([class_index, text_labels]))
         tokens = quantized[:n_prompts]
 
-        embeddings = tuple(e[image_index] for e in model.encode_image(images))
+        if options.train_parts == "decoder":  # frozen encoder: inference's features (no drop-path), no graph
+            model.image_encoder.eval()
+            with torch.no_grad():
+                features = model.encode_image(images)
+            model.image_encoder.train(model.training)
+        else:
+            features = model.encode_image(images)
+        embeddings = tuple(e[image_index] for e in features)
         if options.loss_resolution == "input":
             # Loss and clicks over the model input, on logits upsampled as evaluation and the node do.
             targets = masks[image_index, class_index].float()
@@ -321,6 +341,7 @@ class TrainingStep(nn.Module):
             targets = F.avg_pool2d(masks[image_index, class_index][:, None].float(), factor)[:, 0]
             scored, to_input_px = (lambda x: x), (lambda xy: xy * factor + (factor - 1) / 2)
         logits, iou_pred = model.decode(embeddings, tokens)
+        single_min = options.single_mask_min_points
         first = multimask_loss(scored(logits), iou_pred, targets, options.focal_weight, options.focal_alpha)
         loss = first["mask"] + first["iou_head"]
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
@@ -342,11 +363,20 @@ class TrainingStep(nn.Module):
                         click, label = with_deepest_clicks(pred, target, click, label, chosen)
                     coords = torch.cat([coords, to_input_px(click)], 1)
                     labels = torch.cat([labels, label], 1)
-                logits_k, iou_k = model.decode(embeddings, tokens, coords, labels, prev_low)
+                all_logits, all_iou = model.decode_all_tokens(embeddings, tokens, coords, labels, prev_low)
+                logits_k, iou_k = all_logits[:, 1:], all_iou[:, 1:]
                 round_loss = multimask_loss(scored(logits_k), iou_k, targets, options.focal_weight,
                                             options.focal_alpha)
-                loss = loss + (round_loss["mask"] + round_loss["iou_head"]) / len(rounds)
+                round_total = round_loss["mask"] + round_loss["iou_head"]
                 prev_low = self._feedback(logits_k, iou_k, round_loss["best_index"])
+                if single_min and coords.shape[1] >= single_min:
+                    # What inference answers with here: token 0's one mask, fed back to the next round.
+                    single = multimask_loss(scored(all_logits[:, :1]), all_iou[:, :1], targets,
+                                            options.focal_weight, options.focal_alpha)
+                    round_total = round_total + single["mask"] + single["iou_head"]
+                    prev_low = all_logits[:, :1].detach()
+                    out["iou_single"] = single["best_iou"]
+                loss = loss + round_total / len(rounds)
             out["iou_points"] = round_loss["best_iou"]
         loss = loss + options.vq_weight * vq_loss + options.contrastive_weight * contrastive
         out.update(loss=loss, vq=vq_loss.detach(), contrastive=contrastive.detach())
@@ -524,6 +554,8 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     checkpoints, ``metrics.jsonl`` and ``training_curve.png``.
     """
     rank, world, local_rank, local_world = _dist_info()
+    if options.single_mask_min_points and not resume:
+        model_config = replace(model_config, single_mask_min_points=options.single_mask_min_points)
     device = torch.device(options.device if not options.device.startswith("cuda") or world == 1
                           else f"cuda:{local_rank}")
     if options.threads and device.type == "cpu":
@@ -550,6 +582,11 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
                 listed = ", ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else "")
                 print(f"warm start from {options.init_from}: {loaded} tensors loaded, "
                       f"{len(skipped)} left at random init ({listed})")
+        if options.single_mask_init_token:
+            model.mask_decoder.copy_mask_token(options.single_mask_init_token, 0)
+    if options.train_parts == "decoder":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("prompt_encoder.", "mask_decoder.")))
     model.to(device)
     bank = PhraseBank(model, vocabulary, class_names)
     is_tool = torch.tensor([vocabulary.get(name).kind == "tool" for name in class_names])
@@ -568,6 +605,8 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
             find_unused_parameters=True, broadcast_buffers=False)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.ndim <= 1 or "relative_position_bias_table" in name or "codebook" in name
          else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
@@ -640,12 +679,12 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
             scaler.update()
             step += 1
             samples_seen += batch["images"].shape[0] * world
-            if options.restart_every and step % options.restart_every == 0:
+            if options.restart_every and step % options.restart_every == 0 and options.train_parts == "all":
                 model.quantizer.restart_dead_codes(result["_vectors"])
                 if world > 1:  # every replica must keep rank 0's codebook
                     dist.broadcast(model.quantizer.codebook.data, 0)
                     dist.broadcast(model.quantizer.usage, 0)
-            for key in ("loss", "mask", "iou_head", "vq", "contrastive", "iou_text", "iou_points"):
+            for key in ("loss", "mask", "iou_head", "vq", "contrastive", "iou_text", "iou_points", "iou_single"):
                 if key in result:
                     running.setdefault(key, []).append(float(result[key].detach()))
             bar.update(1)
@@ -746,6 +785,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feedback", choices=FEEDBACK_CHOICES, default=d.feedback,
                         help="mask fed back between rounds: lowest-loss (oracle) or highest predicted IoU "
                              "(what evaluation and the node feed back)")
+    parser.add_argument("--single-mask-min-points", type=int, default=d.single_mask_min_points,
+                        help="train SAM's single-mask token on rounds with at least this many clicks and answer such "
+                             "prompts with it (0: never)")
+    parser.add_argument("--single-mask-init-token", type=int, choices=(0, 1, 2, 3), default=d.single_mask_init_token,
+                        help="copy this multimask token (1..3) into the single-mask token before training (0: no)")
+    parser.add_argument("--train-parts", choices=TRAIN_PARTS, default=d.train_parts,
+                        help="parameters that learn: all, or decoder (prompt encoder + mask decoder; encoder frozen)")
     parser.add_argument("--focal-weight", type=float, default=d.focal_weight)
     parser.add_argument("--focal-alpha", type=float, default=d.focal_alpha,
                         help="focal loss foreground weight (SAM: 0.25; 0.5 keeps thresholds calibrated)")
@@ -803,7 +849,8 @@ def main(args: argparse.Namespace) -> int:
         prompts_per_image=args.prompts_per_image, tool_prompts_per_image=args.tool_prompts_per_image,
         loss_resolution=args.loss_resolution, interactive_prob=args.interactive_prob,
         deepest_click_prob=args.deepest_click_prob, mask_only_rounds=args.mask_only_rounds,
-        feedback=args.feedback, seed=args.seed,
+        feedback=args.feedback, seed=args.seed, single_mask_min_points=args.single_mask_min_points,
+        single_mask_init_token=args.single_mask_init_token, train_parts=args.train_parts,
         crop_prob=args.crop_prob, warp_prob=args.warp_prob, zoom_out_prob=args.zoom_out_prob,
         inspiration_prob=args.inspiration_prob,
         focal_weight=args.focal_weight,

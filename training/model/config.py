@@ -41,6 +41,10 @@ class FluoroSAMConfig:
     # picked better masks on renders and worse ones on real films (docs/training_log.md).
     mask_aware_iou_head: bool = False
     mask_in_chans: int = 16
+    # SAM's rule for its fourth (single-mask) output token: a prompt with at least this many clicks gets that
+    # one mask (trained on multi-click rounds, see ``fluorosam train --single-mask-min-points``) instead of the
+    # pick among the three ambiguity-aware masks. 0: never (the token is then untrained and unused).
+    single_mask_min_points: int = 0
     extra: dict = field(default_factory=dict)  # free-form notes carried into model.json
 
     def __post_init__(self) -> None:
@@ -56,6 +60,8 @@ class FluoroSAMConfig:
         if self.high_res_features and self.patch_size > self.embed_stride // 4:
             raise ValueError(f"high_res_features needs a backbone stage at stride {self.embed_stride // 4}; "
                              f"patch_size {self.patch_size} starts at stride {self.patch_size}")
+        if self.single_mask_min_points < 0:
+            raise ValueError(f"single_mask_min_points must be >= 0, got {self.single_mask_min_points}")
         if self.text_encoder not in ("minilm", "clip"):
             raise ValueError(f"text_encoder must be 'minilm' or 'clip', got {self.text_encoder!r}")
 

@@ -64,6 +64,22 @@ class BatchedMaskDecoder(MaskDecoder):
                                                         kwargs.get("iou_head_hidden_dim", 256),
                                                         kwargs.get("iou_head_depth", 3))
 
+    @torch.no_grad()
+    def copy_mask_token(self, source: int, target: int) -> None:
+        """Make output token ``target`` a copy of ``source`` (its embedding, hypernetwork MLP and IoU-head row).
+
+        Warm-starts SAM's single-mask token 0, untrained while only the multimask output is used, from
+        the ambiguity-aware mask it would otherwise have to learn from scratch to match.
+        """
+        if self.mask_aware_iou:
+            raise ValueError("copy_mask_token handles SAM's token-only IoU head; the mask-aware head has no "
+                             "per-token output row")
+        self.mask_tokens.weight[target] = self.mask_tokens.weight[source]
+        self.output_hypernetworks_mlps[target].load_state_dict(self.output_hypernetworks_mlps[source].state_dict())
+        last = self.iou_prediction_head.layers[-1]
+        last.weight[target] = last.weight[source]
+        last.bias[target] = last.bias[source]
+
     def predict_masks(self, image_embeddings: Tensor, image_pe: Tensor, sparse_prompt_embeddings: Tensor,
                       dense_prompt_embeddings: Tensor,
                       high_res_features: tuple[Tensor, ...] = ()) -> tuple[Tensor, Tensor]:

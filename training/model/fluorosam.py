@@ -101,7 +101,18 @@ class FluoroSAM(nn.Module):
     # --------------------------------------------------------------------------------------- decoder
     def decode(self, image_embeddings: tuple[Tensor, ...], text_tokens: Tensor, point_coords: Tensor | None = None,
                point_labels: Tensor | None = None, mask_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Decode N prompts -> mask logits (N, 3, 4h, 4w) and predicted IoU (N, 3).
+        """Decode N prompts -> SAM's multimask output: mask logits (N, 3, 4h, 4w) and predicted IoU (N, 3).
+
+        Arguments as :meth:`decode_all_tokens`, which also returns the single-mask token's output.
+        """
+        masks, iou_pred = self.decode_all_tokens(image_embeddings, text_tokens, point_coords, point_labels, mask_input)
+        return masks[:, 1:], iou_pred[:, 1:]
+
+    def decode_all_tokens(self, image_embeddings: tuple[Tensor, ...], text_tokens: Tensor,
+                          point_coords: Tensor | None = None, point_labels: Tensor | None = None,
+                          mask_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Decode N prompts -> mask logits (N, 4, 4h, 4w) and predicted IoU (N, 4) of all of SAM's output
+        tokens: index 0 the single-mask token, 1..3 the three ambiguity-aware masks.
 
         ``image_embeddings`` is what :meth:`encode_image` returns, each tensor with batch N (one image
         per prompt) or 1 (shared by all prompts); ``point_coords``
@@ -132,7 +143,12 @@ class FluoroSAM(nn.Module):
         masks, iou_pred = self.mask_decoder.predict_masks(
             image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense, high_res_features=tuple(high_res))
-        return masks[:, 1:], iou_pred[:, 1:]  # SAM's multimask output (token 0 is the single-mask one)
+        return masks, iou_pred
+
+    def choose_output(self, mask_logits: Tensor, iou_pred: Tensor,
+                      point_labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The mask each prompt answers with, from :meth:`decode_all_tokens`' output (see :func:`choose_output`)."""
+        return choose_output(mask_logits, iou_pred, point_labels, self.config.single_mask_min_points)
 
     @staticmethod
     def best_mask(mask_logits: Tensor, iou_pred: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,3 +161,23 @@ class FluoroSAM(nn.Module):
         """(N, K, 4h, 4w) logits -> (N, K, S, S) over the square model input."""
         size = self.config.image_size
         return F.interpolate(mask_logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def choose_output(mask_logits: Tensor, iou_pred: Tensor, point_labels: Tensor | None,
+                  single_mask_min_points: int) -> tuple[Tensor, Tensor, Tensor]:
+    """SAM's output rule, shared by evaluation and the exported decoder (so every backend answers alike).
+
+    ``mask_logits`` (N, 4, H, W) and ``iou_pred`` (N, 4) of all output tokens; ``point_labels`` (N, P) with
+    -1 for padding. A prompt with at least ``single_mask_min_points`` clicks (0: never) takes the single-mask
+    token; any other takes the multimask output with the highest predicted IoU. Returns the chosen logits
+    (N, H, W), its predicted IoU (N,) and whether the single-mask token answered (N,) bool.
+    """
+    best = iou_pred[:, 1:].argmax(dim=1, keepdim=True) + 1  # (N, 1)
+    if single_mask_min_points and point_labels is not None:
+        single = (point_labels >= 0).sum(dim=1, keepdim=True) >= single_mask_min_points
+    else:
+        single = torch.zeros_like(best, dtype=torch.bool)
+    index = torch.where(single, torch.zeros_like(best), best)
+    h, w = mask_logits.shape[-2:]
+    chosen = torch.gather(mask_logits, 1, index[:, :, None, None].expand(-1, 1, h, w))[:, 0]
+    return chosen, torch.gather(iou_pred, 1, index)[:, 0], single[:, 0]
