@@ -491,6 +491,10 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
         if pts:
             axes[1].plot([r["step"] for r in pts], [r["iou_points"] for r in pts], label="train IoU, +points",
                          alpha=0.6)
+        single = [r for r in train if "iou_single" in r]
+        if single:
+            axes[1].plot([r["step"] for r in single], [r["iou_single"] for r in single], alpha=0.6,
+                         label="train IoU, single-mask token (2+ clicks)")
     if val:
         axes[1].plot([r["step"] for r in val], [r["val_mean_iou"] for r in val], "o-", label="val IoU, text only")
     axes[1].set_xlabel("step")
