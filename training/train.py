@@ -90,7 +90,8 @@ class TrainOptions:
     single_mask_init_token: int = 0
     # Which parameters learn: "all", or "decoder" (prompt encoder + mask decoder; the image encoder runs frozen in
     # eval mode without a graph, the text projection and codebook stay as loaded). A decoder-only fine-tune
-    # keeps the image features every other prompt relies on and costs about half a step.
+    # keeps the image features every other prompt relies on; 1.52 vs 1.10 images/s for all parts (tiny, batch 4,
+    # 2-core CPU, same recipe).
     train_parts: str = "all"
     crop_prob: float = 0.3  # chance of cropping a render to a non-square frame (then letterboxed)
     warp_prob: float = 0.0  # chance of an affine + elastic anatomy warp (one CT stands in for many bodies)
