@@ -501,7 +501,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
     axes[1].set_xlabel("step")
     axes[1].set_ylim(0, 1)
     axes[1].legend()
-    axes[1].set_title("IoU (best of 3 masks in training)")
+    axes[1].set_title("IoU (training: best of the 3 masks, or the single mask)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
