@@ -368,6 +368,11 @@ def test_warm_start_copies_matching_tensors_only(tmp_path):
                            src_state["image_encoder.backbone.patch_embed.proj.weight"].flatten()[:4])
     record = checkpoint_provenance(tmp_path / "src")
     assert record["config"]["name"] == "mini" and len(record["checkpoint_sha256"]) == 64
+    assert "averaged_from" not in record
+    # A weight average has no training record of its own: the chain goes on through its ingredients.
+    soup = [{"path": "a", "training": {"steps": 1}}, {"path": "b", "training": {"steps": 2}}]
+    save_checkpoint(source, tmp_path / "soup", {"averaged_from": soup})
+    assert checkpoint_provenance(tmp_path / "soup")["averaged_from"] == soup
 
     from safetensors.torch import save_file
 

@@ -521,15 +521,18 @@ def manifest_sha256(roots: list[str]) -> str | None:
 
 # ------------------------------------------------------------------------------------------- loop
 def checkpoint_provenance(checkpoint_dir: str | os.PathLike) -> dict:
-    """What a warm-started run came from: path, weights hash and that checkpoint's own training record,
-    so a model.json traces the whole chain of runs."""
+    """What a warm-started run came from: path, weights hash and that checkpoint's own training record (or,
+    for a weight average, which has none, its ``averaged_from``), so a model.json traces the whole chain."""
     from engine.export import file_sha256
     from training.model import read_meta
     from training.model.checkpoint import WEIGHTS_FILE
 
     meta = read_meta(checkpoint_dir)
-    return {"path": str(checkpoint_dir), "checkpoint_sha256": file_sha256(Path(checkpoint_dir) / WEIGHTS_FILE),
-            "config": meta.get("config"), "training": meta.get("training")}
+    record = {"path": str(checkpoint_dir), "checkpoint_sha256": file_sha256(Path(checkpoint_dir) / WEIGHTS_FILE),
+              "config": meta.get("config"), "training": meta.get("training")}
+    if "averaged_from" in meta:
+        record["averaged_from"] = meta["averaged_from"]
+    return record
 
 
 def warm_start(model: FluoroSAM, checkpoint_dir: str | os.PathLike) -> tuple[int, list[str]]:
