@@ -137,8 +137,8 @@ def test_exported_decoder_follows_the_single_mask_rule(exported_single_mask):
         ref_labels = torch.from_numpy(labels[:, :-1]).long()
         logits, iou_pred = model.decode_all_tokens(tuple(embeddings.values()), tokens,
                                                    torch.from_numpy(coords[:, :-1]), ref_labels)
-        chosen, score, single = model.choose_output(logits, iou_pred, ref_labels)
-    assert single.tolist() == [False, True]
+        chosen, score, index = model.choose_output(logits, iou_pred, ref_labels)
+    assert (index == 0).tolist() == [False, True]
     np.testing.assert_allclose(scores, score.numpy(), atol=1e-3)
     np.testing.assert_allclose(ious, iou_pred[:, 1:].numpy(), atol=1e-3)
     for i in range(2):

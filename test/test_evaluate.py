@@ -14,6 +14,11 @@ from training.evaluate import (add_arguments, calibrate_min_score, error_placeme
 from training.model import FluoroSAM, get_config, save_checkpoint
 from synthetic_evalset import Oracle, write_evalset
 
+# A small real model for the tests that run the torch predictor end to end.
+MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
+                           swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
+                           codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0)
+
 
 @pytest.mark.parametrize("perfect,expected", [(True, 1.0), (False, 0.0)])
 def test_oracles_give_exact_iou(tmp_path, perfect, expected):
@@ -126,11 +131,8 @@ def test_eval_set_mask_shape_mismatch_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
-    config = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
-                                 swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
-                                 codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0)
     torch.manual_seed(0)
-    save_checkpoint(FluoroSAM(config), tmp_path / "model", {})
+    save_checkpoint(FluoroSAM(MINI), tmp_path / "model", {})
     evalset = write_evalset(tmp_path / "evalset", n=2, size=(50, 70))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -157,9 +159,7 @@ def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
 def test_torch_predictor_answers_multi_click_prompts_with_the_single_mask_token():
     """A model trained for it answers 2+ clicks with token 0: that mask is the only candidate (no choice made),
     while a 1-click prompt in the same batch still chooses among the three."""
-    config = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
-                                 swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
-                                 codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0, single_mask_min_points=2)
+    config = dataclasses.replace(MINI, single_mask_min_points=2)
     torch.manual_seed(0)
     predictor = TorchPredictor(FluoroSAM(config))
     predictor.set_frame(np.random.default_rng(0).uniform(0, 1, (50, 70)).astype(np.float32))

@@ -241,18 +241,18 @@ def test_average_of_fine_tunes(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_output_rule_takes_the_single_mask_token_only_with_enough_clicks(mini_model):
+def test_output_rule_takes_the_single_mask_token_only_with_enough_clicks():
     """SAM's rule, shared by evaluation and the exported decoder: >= N clicks (padding not counted) -> token 0."""
     from training.model.fluorosam import choose_output
 
     logits = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 4, 1, 1).expand(3, 4, 2, 2)
     iou = torch.tensor([[0.9, 0.1, 0.8, 0.2], [0.9, 0.7, 0.1, 0.2], [0.0, 0.1, 0.2, 0.3]])
     labels = torch.tensor([[1, -1, -1], [1, 0, -1], [0, 1, 1]])  # 1, 2 and 3 clicks
-    chosen, score, single = choose_output(logits, iou, labels, 2)
-    assert single.tolist() == [False, True, True]
+    chosen, score, index = choose_output(logits, iou, labels, 2)
+    assert (index == 0).tolist() == [False, True, True]
     assert chosen[:, 0, 0].tolist() == [2.0, 4.0, 8.0] and score.tolist() == pytest.approx([0.8, 0.9, 0.0])
     for never in (choose_output(logits, iou, labels, 0), choose_output(logits, iou, None, 2)):
-        assert not never[2].any() and never[0][:, 0, 0].tolist() == [2.0, 5.0, 11.0]
+        assert not (never[2] == 0).any() and never[0][:, 0, 0].tolist() == [2.0, 5.0, 11.0]
 
 
 def test_copied_mask_token_answers_like_its_source():

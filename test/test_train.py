@@ -89,6 +89,23 @@ def test_deepest_clicks_follow_evaluation_rule_only_where_chosen():
     assert torch.equal(perfect, coords)  # nothing to fix: the uniform fallback click stays
 
 
+def _record_decodes(model: FluoroSAM, multimask_only: bool = False) -> list[tuple]:
+    """Wrap ``model.decode_all_tokens``; each call appends (clicks, mask_input, logits, iou), the logits and IoUs
+    of all 4 output tokens or, with ``multimask_only``, of the 3 multimask ones."""
+    calls = []
+    decode = model.decode_all_tokens
+    kept = slice(1, None) if multimask_only else slice(None)
+
+    def recording_decode(embeddings, tokens, coords=None, labels=None, mask_input=None):
+        logits, iou = decode(embeddings, tokens, coords, labels, mask_input)
+        calls.append((0 if coords is None else coords.shape[1], mask_input, logits[:, kept].detach(),
+                      iou[:, kept].detach()))
+        return logits, iou
+
+    model.decode_all_tokens = recording_decode
+    return calls
+
+
 @pytest.mark.parametrize("loss_resolution", ["input", "decoder"])
 @pytest.mark.parametrize("feedback", ["best", "predicted"])
 def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback, loss_resolution):
@@ -98,16 +115,7 @@ def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback, loss_resol
     model = FluoroSAM(MINI)
     step = TrainingStep(model, _options(mask_only_rounds=1, feedback=feedback, loss_resolution=loss_resolution),
                         torch.Generator().manual_seed(0))
-    calls = []
-    decode = model.decode_all_tokens
-
-    def recording_decode(embeddings, tokens, coords=None, labels=None, mask_input=None):
-        logits, iou = decode(embeddings, tokens, coords, labels, mask_input)
-        calls.append((0 if coords is None else coords.shape[1], mask_input, logits[:, 1:].detach(),
-                      iou[:, 1:].detach()))
-        return logits, iou
-
-    model.decode_all_tokens = recording_decode
+    calls = _record_decodes(model, multimask_only=True)
     item = EllipseChests(n=1)[0]
     images = torch.from_numpy(item["image"])[None, None]
     masks = torch.from_numpy(item["masks"])[None]
@@ -139,15 +147,7 @@ def test_single_mask_token_learns_on_multi_click_rounds_and_answers_them():
     model = FluoroSAM(MINI)
     step = TrainingStep(model, _options(mask_only_rounds=0, feedback="predicted", single_mask_min_points=2),
                         torch.Generator().manual_seed(0))
-    calls = []
-    decode = model.decode_all_tokens
-
-    def recording_decode(embeddings, tokens, coords=None, labels=None, mask_input=None):
-        logits, iou = decode(embeddings, tokens, coords, labels, mask_input)
-        calls.append((0 if coords is None else coords.shape[1], mask_input, logits.detach(), iou.detach()))
-        return logits, iou
-
-    model.decode_all_tokens = recording_decode
+    calls = _record_decodes(model)
     item = EllipseChests(n=1)[0]
     out = step(torch.from_numpy(item["image"])[None, None], torch.from_numpy(item["masks"])[None],
                torch.tensor([0, 0]), torch.tensor([0, 2]), torch.randn(2, MINI.text_dim),

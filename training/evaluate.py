@@ -207,14 +207,15 @@ class TorchPredictor:
             coords = torch.from_numpy(coords).to(self.device)
             labels = torch.from_numpy(labels).to(self.device)
         logits, iou_pred = self.model.decode_all_tokens(self._embedding, enc.tokens, coords, labels, previous)
-        best, score, single = self.model.choose_output(logits, iou_pred, labels)
-        # Every candidate on the frame once; the pick is taken from them by the same rule, not upsampled again.
-        every = postprocess_masks(logits.flatten(0, 1).float().cpu(), self._geo)
+        best, score, index = self.model.choose_output(logits, iou_pred, labels)
+        index = index.cpu()
+        # Every candidate on the frame once; the pick is the chosen token's, not upsampled again.
+        every = postprocess_masks(logits.flatten(0, 1).float().cpu(), self._geo) > 0
         every = every.reshape(*logits.shape[:2], *every.shape[-2:])
-        picked, _, _ = self.model.choose_output(every, iou_pred.cpu(), None if labels is None else labels.cpu())
+        picked = every[torch.arange(len(index)), index]
         # The candidates are what the rule chose among: the single mask alone, or the three.
-        self.candidates = [m[:1] if s else m[1:] for m, s in zip((every > 0).numpy(), single.cpu().tolist())]
-        return list((picked > 0).numpy()), score.float().cpu().tolist(), best[:, None]
+        self.candidates = [m[:1] if i == 0 else m[1:] for m, i in zip(every.numpy(), index.tolist())]
+        return list(picked.numpy()), score.float().cpu().tolist(), best[:, None]
 
     @torch.no_grad()
     def refused(self, prompts):

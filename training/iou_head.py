@@ -75,11 +75,11 @@ def collect_head_examples(model: FluoroSAM, items, click_rounds: int = 1,
                     coords = torch.tensor(np.array([[geo.to_input(np.array(c[:2])) for c in cl] for cl in clicks]),
                                           dtype=torch.float32)
                     labels = torch.tensor([[c[2] for c in cl] for cl in clicks])
-                logits, iou_pred = model.decode(embeddings, tokens, coords, labels, previous)
+                all_logits, all_iou = model.decode_all_tokens(embeddings, tokens, coords, labels, previous)
+                # Inputs for every output token (the head's mask index one-hot counts token 0), kept for the 3.
+                xs.append(MaskAwareIoUHead.inputs(captured["token"], all_logits, captured["features"])[:, 1:].float())
+                logits, iou_pred = all_logits[:, 1:], all_iou[:, 1:]
                 n, k_masks = logits.shape[:2]
-                # decode drops the single-mask token 0; a zero stand-in keeps the head's mask index one-hot right
-                all_tokens = torch.cat([logits.new_zeros(n, 1, *logits.shape[2:]), logits], 1)
-                xs.append(MaskAwareIoUHead.inputs(captured["token"], all_tokens, captured["features"])[:, 1:].float())
                 masks = postprocess_masks(logits.reshape(n * k_masks, *logits.shape[2:]), geo) > 0
                 masks = masks.reshape(n, k_masks, *masks.shape[1:])
                 ys.append(mask_iou(masks, truth_t))  # as evaluation's mask_overlap: two empty masks agree

@@ -369,7 +369,6 @@ class TrainingStep(nn.Module):
                 round_loss = multimask_loss(scored(logits_k), iou_k, targets, options.focal_weight,
                                             options.focal_alpha)
                 round_total = round_loss["mask"] + round_loss["iou_head"]
-                prev_low = self._feedback(logits_k, iou_k, round_loss["best_index"])
                 if single_min and coords.shape[1] >= single_min:
                     # What inference answers with here: token 0's one mask, fed back to the next round.
                     single = multimask_loss(scored(all_logits[:, :1]), all_iou[:, :1], targets,
@@ -377,6 +376,8 @@ class TrainingStep(nn.Module):
                     round_total = round_total + single["mask"] + single["iou_head"]
                     prev_low = all_logits[:, :1].detach()
                     out["iou_single"] = single["best_iou"]
+                else:
+                    prev_low = self._feedback(logits_k, iou_k, round_loss["best_index"])
                 loss = loss + round_total / len(rounds)
             out["iou_points"] = round_loss["best_iou"]
         loss = loss + options.vq_weight * vq_loss + options.contrastive_weight * contrastive

@@ -170,7 +170,8 @@ def choose_output(mask_logits: Tensor, iou_pred: Tensor, point_labels: Tensor | 
     ``mask_logits`` (N, 4, H, W) and ``iou_pred`` (N, 4) of all output tokens; ``point_labels`` (N, P) with
     -1 for padding. A prompt with at least ``single_mask_min_points`` clicks (0: never) takes the single-mask
     token; any other takes the multimask output with the highest predicted IoU. Returns the chosen logits
-    (N, H, W), its predicted IoU (N,) and whether the single-mask token answered (N,) bool.
+    (N, H, W), its predicted IoU (N,) and the chosen token's index (N,) (0: the single-mask token answered),
+    with which a caller takes the same choice from other per-token tensors (e.g. upsampled masks).
     """
     best = iou_pred[:, 1:].argmax(dim=1, keepdim=True) + 1  # (N, 1)
     if single_mask_min_points and point_labels is not None:
@@ -180,4 +181,4 @@ def choose_output(mask_logits: Tensor, iou_pred: Tensor, point_labels: Tensor | 
     index = torch.where(single, torch.zeros_like(best), best)
     h, w = mask_logits.shape[-2:]
     chosen = torch.gather(mask_logits, 1, index[:, :, None, None].expand(-1, 1, h, w))[:, 0]
-    return chosen, torch.gather(iou_pred, 1, index)[:, 0], single[:, 0]
+    return chosen, torch.gather(iou_pred, 1, index)[:, 0], index[:, 0]
