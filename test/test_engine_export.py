@@ -111,39 +111,53 @@ def test_decoder_parity(exported, k, clicks, with_mask):
 
 @pytest.fixture(scope="module")
 def exported_single_mask(tmp_path_factory):
-    """A model whose config answers prompts with 2+ clicks with SAM's single-mask token."""
+    """A model whose config answers text-only prompts and prompts with 2+ clicks with SAM's single-mask token."""
     torch.manual_seed(1)
     model_dir = tmp_path_factory.mktemp("single")
-    save_checkpoint(FluoroSAM(dataclasses.replace(get_config("tiny"), single_mask_min_points=2)).eval(), model_dir, {})
+    save_checkpoint(FluoroSAM(dataclasses.replace(get_config("tiny"), single_mask_min_points=2,
+                                                  single_mask_text_only=True)).eval(), model_dir, {})
     onnx_dir = export_model(model_dir, tmp_path_factory.mktemp("single_onnx"), with_text_table=False)
     model, _ = load_checkpoint(model_dir)
     return model, onnx_dir
 
 
 def test_exported_decoder_follows_the_single_mask_rule(exported_single_mask):
-    """Rows with 1 and 2 clicks in one batch: the graph answers the 2-click row with token 0, the other
-    with the best multimask mask, exactly as evaluation's ``choose_output`` does in torch."""
+    """Rows with 0 (padding only), 1 and 2 clicks in one batch: the graph answers the text-only and 2-click
+    rows with token 0, the 1-click row with the best multimask mask, exactly as evaluation's
+    ``choose_output`` does in torch; a batch with no points at all (P = 0) takes token 0 too."""
     model, onnx_dir = exported_single_mask
     config = model.config
     g = torch.Generator().manual_seed(3)
     embeddings = {name: torch.randn(*shape, generator=g) for name, shape in embedding_shapes(config).items()}
-    tokens = torch.randn(2, 256, generator=g)
-    coords, labels = pack_points([[(40.0, 60.0, 1)], [(40.0, 60.0, 1), (200.0, 100.0, 0)]], lambda xy: xy)
-    mask_input = np.zeros((2, 1, config.mask_hw, config.mask_hw), np.float32)
-    masks, scores, ious = _session(onnx_dir / DECODER_FILE).run(None, {
-        **{name: t.numpy() for name, t in embeddings.items()}, "text_tokens": tokens.numpy(), "point_coords": coords,
-        "point_labels": labels, "mask_input": mask_input, "has_mask_input": np.zeros((2, 1), np.float32)})
+    feeds = {name: t.numpy() for name, t in embeddings.items()}
+    tokens = torch.randn(3, 256, generator=g)
+    coords, labels = pack_points([[], [(40.0, 60.0, 1)], [(40.0, 60.0, 1), (200.0, 100.0, 0)]], lambda xy: xy)
+    mask_input = np.zeros((3, 1, config.mask_hw, config.mask_hw), np.float32)
+    session = _session(onnx_dir / DECODER_FILE)
+    masks, scores, ious = session.run(None, {
+        **feeds, "text_tokens": tokens.numpy(), "point_coords": coords, "point_labels": labels,
+        "mask_input": mask_input, "has_mask_input": np.zeros((3, 1), np.float32)})
     with torch.no_grad():
         ref_labels = torch.from_numpy(labels[:, :-1]).long()
         logits, iou_pred = model.decode_all_tokens(tuple(embeddings.values()), tokens,
                                                    torch.from_numpy(coords[:, :-1]), ref_labels)
         chosen, score, index = model.choose_output(logits, iou_pred, ref_labels)
-    assert (index == 0).tolist() == [False, True]
+    assert (index == 0).tolist() == [True, False, True]
     np.testing.assert_allclose(scores, score.numpy(), atol=1e-3)
     np.testing.assert_allclose(ious, iou_pred[:, 1:].numpy(), atol=1e-3)
-    for i in range(2):
+    for i in range(3):
         assert _iou(masks[i] > 0, chosen[i].numpy() > 0) >= 0.99
-    assert _iou(masks[1] > 0, logits[1, 0].numpy() > 0) >= 0.99
+    assert _iou(masks[2] > 0, logits[2, 0].numpy() > 0) >= 0.99
+
+    text_coords, text_labels = pack_points([[]], lambda xy: xy)
+    assert text_labels.shape == (1, 0)
+    text_masks, text_scores, _ = session.run(None, {
+        **feeds, "text_tokens": tokens[:1].numpy(), "point_coords": text_coords, "point_labels": text_labels,
+        "mask_input": mask_input[:1], "has_mask_input": np.zeros((1, 1), np.float32)})
+    with torch.no_grad():
+        text_logits, text_iou = model.decode_all_tokens(tuple(embeddings.values()), tokens[:1])
+    np.testing.assert_allclose(text_scores, text_iou[:, 0].numpy(), atol=1e-3)
+    assert _iou(text_masks[0] > 0, text_logits[0, 0].numpy() > 0) >= 0.99
 
 
 def test_every_exported_operator_is_supported_by_tensorrt(exported, exported_single_mask):

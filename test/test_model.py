@@ -255,6 +255,20 @@ def test_output_rule_takes_the_single_mask_token_only_with_enough_clicks():
         assert not (never[2] == 0).any() and never[0][:, 0, 0].tolist() == [2.0, 5.0, 11.0]
 
 
+def test_output_rule_answers_text_only_prompts_with_the_single_mask_token_when_asked():
+    """``single_mask_text_only``: no click (None, or padding only) -> token 0; a lone click keeps the pick."""
+    from training.model.fluorosam import choose_output
+
+    logits = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 4, 1, 1)
+    iou = torch.tensor([[0.9, 0.1, 0.8, 0.2], [0.9, 0.7, 0.1, 0.2], [0.0, 0.1, 0.2, 0.3]])
+    labels = torch.tensor([[-1, -1], [1, -1], [1, 0]])  # 0, 1 and 2 clicks
+    assert choose_output(logits, iou, labels, 0, True)[2].tolist() == [0, 1, 3]
+    assert choose_output(logits, iou, labels, 2, True)[2].tolist() == [0, 1, 0]
+    assert choose_output(logits, iou, None, 0, True)[2].tolist() == [0, 0, 0]
+    assert choose_output(logits, iou, torch.zeros(3, 0, dtype=torch.long), 2, True)[2].tolist() == [0, 0, 0]
+    assert choose_output(logits, iou, None, 2, False)[2].tolist() == [2, 1, 3]
+
+
 def test_copied_mask_token_answers_like_its_source():
     torch.manual_seed(0)
     model = FluoroSAM(MINI).eval()

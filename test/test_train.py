@@ -162,6 +162,28 @@ def test_single_mask_token_learns_on_multi_click_rounds_and_answers_them():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in hypernetwork.parameters())
 
 
+def test_single_mask_token_learns_on_text_only_rounds_and_answers_them():
+    """With ``single_mask_text_only``, the text-only round and a mask-only round before any click score token
+    0 and feed ITS mask back; a 1-click round feeds back the multimask pick (a lone click stays ambiguous)."""
+    torch.manual_seed(0)
+    model = FluoroSAM(MINI)
+    step = TrainingStep(model, _options(mask_only_rounds=1, feedback="predicted", single_mask_min_points=2,
+                                        single_mask_text_only=True), torch.Generator().manual_seed(0))
+    calls = _record_decodes(model)
+    item = EllipseChests(n=1)[0]
+    out = step(torch.from_numpy(item["image"])[None, None], torch.from_numpy(item["masks"])[None],
+               torch.tensor([0, 0]), torch.tensor([0, 2]), torch.randn(2, MINI.text_dim),
+               torch.randn(8, MINI.text_dim), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), interactive_points=2)
+    assert [c[0] for c in calls] == [0, 0, 1, 2]  # text, mask-only (this seed draws it first), 1 click, 2 clicks
+    for (clicks, _, logits, iou), (_, fed, _, _) in zip(calls, calls[1:]):
+        expected = logits[:, 0] if clicks != 1 else FluoroSAM.best_mask(logits[:, 1:], iou[:, 1:])[0]
+        assert torch.equal(fed[:, 0], expected)
+    assert 0.0 <= float(out["iou_text_single"]) <= 1.0
+    out["loss"].backward()
+    hypernetwork = model.mask_decoder.output_hypernetworks_mlps[0]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in hypernetwork.parameters())
+
+
 def test_decoder_only_training_keeps_encoder_and_text_side_and_saves_the_rule(tmp_path):
     """--train-parts decoder: the image encoder, text projection and codebook stay bit-exact, the decoder
     learns; token 0 starts as a copy of the chosen multimask token and model.json carries the output rule."""
@@ -171,9 +193,11 @@ def test_decoder_only_training_keeps_encoder_and_text_side_and_saves_the_rule(tm
     before, _ = load_checkpoint(start)
     model, _ = run_training(MINI, lambda epoch: EllipseChests(), Vocabulary.load(), tmp_path / "run",
                             _options(steps=4, val_every=0, interactive_prob=1.0, init_from=str(start),
-                                     single_mask_min_points=2, single_mask_init_token=2, train_parts="decoder"))
+                                     single_mask_min_points=2, single_mask_init_token=2, train_parts="decoder",
+                                     single_mask_text_only=True))
     after, meta = load_checkpoint(tmp_path / "run")
     assert after.config.single_mask_min_points == 2 and meta["config"]["single_mask_min_points"] == 2
+    assert after.config.single_mask_text_only and meta["config"]["single_mask_text_only"]
     old, new = dict(before.named_parameters()), dict(after.named_parameters())
     frozen = [k for k in old if not k.startswith(("prompt_encoder.", "mask_decoder."))]
     assert len(frozen) > 20 and all(torch.equal(old[k], new[k]) for k in frozen)
@@ -216,10 +240,10 @@ def test_thin_tool_is_only_seen_by_the_input_resolution_loss(loss_resolution, se
     assert factor == 4  # SAM's (and the tiny default's) decoder grid: 4 input pixels per cell
     masks = torch.zeros(1, 1, size, size, dtype=torch.bool)
     masks[0, 0, :, 11:13] = True  # the wire: columns 11-12, half in cell 2, half in cell 3
-    drawn = torch.full((1, 3, config.mask_hw, config.mask_hw), -10.0)
+    drawn = torch.full((1, 4, config.mask_hw, config.mask_hw), -10.0)
     drawn[..., 2:4] = 10.0  # every mask covers the decoder cells the wire crosses
 
-    model.decode = lambda *args, **kwargs: (drawn, torch.zeros(1, 3))
+    model.decode_all_tokens = lambda *args, **kwargs: (drawn, torch.zeros(1, 4))
     step = TrainingStep(model, _options(loss_resolution=loss_resolution), torch.Generator().manual_seed(0))
     out = step(torch.zeros(1, 1, size, size), masks, torch.tensor([0]), torch.tensor([0]),
                torch.randn(1, config.text_dim), torch.randn(8, config.text_dim), torch.arange(8) % 4, 0)

@@ -86,6 +86,9 @@ class TrainOptions:
     # its one mask, MSE on its IoU row) and feed its mask back; the saved config then answers such prompts with
     # it (``FluoroSAMConfig.single_mask_min_points``). 0 keeps the multimask output for every prompt.
     single_mask_min_points: int = 0
+    # Text-only rounds also train token 0 (as above) and feed its mask back; the saved config then answers
+    # text-only prompts with it (``FluoroSAMConfig.single_mask_text_only``).
+    single_mask_text_only: bool = False
     # Multimask token (1..3) copied into token 0 before training starts (warm start); 0: leave token 0 as is.
     single_mask_init_token: int = 0
     # Which parameters learn: "all", or "decoder" (prompt encoder + mask decoder; the image encoder runs frozen in
@@ -341,16 +344,26 @@ class TrainingStep(nn.Module):
             factor = model.config.image_size // model.config.mask_hw
             targets = F.avg_pool2d(masks[image_index, class_index][:, None].float(), factor)[:, 0]
             scored, to_input_px = (lambda x: x), (lambda xy: xy * factor + (factor - 1) / 2)
-        logits, iou_pred = model.decode(embeddings, tokens)
+        all_logits, all_iou = model.decode_all_tokens(embeddings, tokens)
+        logits, iou_pred = all_logits[:, 1:], all_iou[:, 1:]
         single_min = options.single_mask_min_points
         first = multimask_loss(scored(logits), iou_pred, targets, options.focal_weight, options.focal_alpha)
         loss = first["mask"] + first["iou_head"]
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
                "iou_text": first["best_iou"]}
+        if options.single_mask_text_only:
+            # Inference answers a text-only prompt with token 0's one mask: score it and feed it back.
+            single = multimask_loss(scored(all_logits[:, :1]), all_iou[:, :1], targets,
+                                    options.focal_weight, options.focal_alpha)
+            loss = loss + single["mask"] + single["iou_head"]
+            out["iou_text_single"] = single["best_iou"]
         if interactive_points:
             # SAM-style rounds: each adds ONE click drawn from the current error region (or none, for a
             # mask-only round), with the previous mask as the dense prompt, as evaluation and users do.
-            prev_low = self._feedback(logits, iou_pred, first["best_index"])
+            if options.single_mask_text_only:
+                prev_low = all_logits[:, :1].detach()
+            else:
+                prev_low = self._feedback(logits, iou_pred, first["best_index"])
             coords = torch.zeros(n_prompts, 0, 2, device=logits.device)
             labels = torch.zeros(n_prompts, 0, dtype=torch.long, device=logits.device)
             rounds = [True] * interactive_points + [False] * options.mask_only_rounds
@@ -369,7 +382,8 @@ class TrainingStep(nn.Module):
                 round_loss = multimask_loss(scored(logits_k), iou_k, targets, options.focal_weight,
                                             options.focal_alpha)
                 round_total = round_loss["mask"] + round_loss["iou_head"]
-                if single_min and coords.shape[1] >= single_min:
+                clicks = coords.shape[1]
+                if (single_min and clicks >= single_min) or (options.single_mask_text_only and not clicks):
                     # What inference answers with here: token 0's one mask, fed back to the next round.
                     single = multimask_loss(scored(all_logits[:, :1]), all_iou[:, :1], targets,
                                             options.focal_weight, options.focal_alpha)
@@ -457,8 +471,8 @@ def quick_validate(model: FluoroSAM, dataset: Dataset, class_names: list[str], m
             continue
         present = present[torch.argsort(batch["area"][0, present], descending=True)][:VAL_PROMPTS_PER_IMAGE]
         emb = model.encode_image(batch["images"].to(device))
-        logits, iou_pred = model.decode(emb, enc.tokens[present.to(device)])
-        best, _ = model.best_mask(logits, iou_pred)
+        logits, iou_pred = model.decode_all_tokens(emb, enc.tokens[present.to(device)])
+        best, _, _ = model.choose_output(logits, iou_pred)
         pred = model.upsample_to_input(best[:, None])[:, 0] > 0
         ious = mask_iou(pred.cpu(), batch["masks"][0, present])
         for c, v in zip(present.tolist(), ious.tolist()):
@@ -493,10 +507,11 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
         if pts:
             axes[1].plot([r["step"] for r in pts], [r["iou_points"] for r in pts], label="train IoU, +points",
                          alpha=0.6)
-        single = [r for r in train if "iou_single" in r]
-        if single:
-            axes[1].plot([r["step"] for r in single], [r["iou_single"] for r in single], alpha=0.6,
-                         label="train IoU, single-mask token (2+ clicks)")
+        for key, label in (("iou_single", "train IoU, single-mask token (interactive rounds)"),
+                           ("iou_text_single", "train IoU, single-mask token (text only)")):
+            rows = [r for r in train if key in r]
+            if rows:
+                axes[1].plot([r["step"] for r in rows], [r[key] for r in rows], alpha=0.6, label=label)
     if val:
         axes[1].plot([r["step"] for r in val], [r["val_mean_iou"] for r in val], "o-", label="val IoU, text only")
     axes[1].set_xlabel("step")
@@ -565,6 +580,8 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     rank, world, local_rank, local_world = _dist_info()
     if options.single_mask_min_points and not resume:
         model_config = replace(model_config, single_mask_min_points=options.single_mask_min_points)
+    if options.single_mask_text_only and not resume:
+        model_config = replace(model_config, single_mask_text_only=True)
     device = torch.device(options.device if not options.device.startswith("cuda") or world == 1
                           else f"cuda:{local_rank}")
     if options.threads and device.type == "cpu":
@@ -693,7 +710,8 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
                 if world > 1:  # every replica must keep rank 0's codebook
                     dist.broadcast(model.quantizer.codebook.data, 0)
                     dist.broadcast(model.quantizer.usage, 0)
-            for key in ("loss", "mask", "iou_head", "vq", "contrastive", "iou_text", "iou_points", "iou_single"):
+            for key in ("loss", "mask", "iou_head", "vq", "contrastive", "iou_text", "iou_points", "iou_single",
+                        "iou_text_single"):
                 if key in result:
                     running.setdefault(key, []).append(float(result[key].detach()))
             bar.update(1)
@@ -797,6 +815,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-mask-min-points", type=int, default=d.single_mask_min_points,
                         help="train SAM's single-mask token on rounds with at least this many clicks and answer such "
                              "prompts with it (0: never)")
+    parser.add_argument("--single-mask-text-only", action="store_true",
+                        help="train the single-mask token on text-only rounds too and answer text-only prompts with it")
     parser.add_argument("--single-mask-init-token", type=int, choices=(0, 1, 2, 3), default=d.single_mask_init_token,
                         help="copy this multimask token (1..3) into the single-mask token before training (0: no)")
     parser.add_argument("--train-parts", choices=TRAIN_PARTS, default=d.train_parts,
@@ -859,6 +879,7 @@ def main(args: argparse.Namespace) -> int:
         loss_resolution=args.loss_resolution, interactive_prob=args.interactive_prob,
         deepest_click_prob=args.deepest_click_prob, mask_only_rounds=args.mask_only_rounds,
         feedback=args.feedback, seed=args.seed, single_mask_min_points=args.single_mask_min_points,
+        single_mask_text_only=args.single_mask_text_only,
         single_mask_init_token=args.single_mask_init_token, train_parts=args.train_parts,
         crop_prob=args.crop_prob, warp_prob=args.warp_prob, zoom_out_prob=args.zoom_out_prob,
         inspiration_prob=args.inspiration_prob,

@@ -45,6 +45,10 @@ class FluoroSAMConfig:
     # one mask (trained on multi-click rounds, see ``fluorosam train --single-mask-min-points``) instead of the
     # pick among the three ambiguity-aware masks. 0: never (the token is then untrained and unused).
     single_mask_min_points: int = 0
+    # Text-only prompts (no clicks) answer with the single-mask token too (trained on text-only rounds, see
+    # ``fluorosam train --single-mask-text-only``): a class name, unlike a lone click, names one structure, so
+    # it needs no ambiguity-aware choice. A lone click keeps the pick among the three either way.
+    single_mask_text_only: bool = False
     extra: dict = field(default_factory=dict)  # free-form notes carried into model.json
 
     def __post_init__(self) -> None:

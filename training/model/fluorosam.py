@@ -148,7 +148,8 @@ class FluoroSAM(nn.Module):
     def choose_output(self, mask_logits: Tensor, iou_pred: Tensor,
                       point_labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The mask each prompt answers with, from :meth:`decode_all_tokens`' output (see :func:`choose_output`)."""
-        return choose_output(mask_logits, iou_pred, point_labels, self.config.single_mask_min_points)
+        return choose_output(mask_logits, iou_pred, point_labels, self.config.single_mask_min_points,
+                             self.config.single_mask_text_only)
 
     @staticmethod
     def best_mask(mask_logits: Tensor, iou_pred: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,20 +165,26 @@ class FluoroSAM(nn.Module):
 
 
 def choose_output(mask_logits: Tensor, iou_pred: Tensor, point_labels: Tensor | None,
-                  single_mask_min_points: int) -> tuple[Tensor, Tensor, Tensor]:
+                  single_mask_min_points: int, single_mask_text_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """SAM's output rule, shared by evaluation and the exported decoder (so every backend answers alike).
 
     ``mask_logits`` (N, 4, H, W) and ``iou_pred`` (N, 4) of all output tokens; ``point_labels`` (N, P) with
-    -1 for padding. A prompt with at least ``single_mask_min_points`` clicks (0: never) takes the single-mask
-    token; any other takes the multimask output with the highest predicted IoU. Returns the chosen logits
-    (N, H, W), its predicted IoU (N,) and the chosen token's index (N,) (0: the single-mask token answered),
-    with which a caller takes the same choice from other per-token tensors (e.g. upsampled masks).
+    -1 for padding (None: no clicks). A prompt with at least ``single_mask_min_points`` clicks (0: never), or
+    with no click at all when ``single_mask_text_only``, takes the single-mask token; any other takes the
+    multimask output with the highest predicted IoU. Returns the chosen logits (N, H, W), its predicted IoU
+    (N,) and the chosen token's index (N,) (0: the single-mask token answered), with which a caller takes the
+    same choice from other per-token tensors (e.g. upsampled masks).
     """
     best = iou_pred[:, 1:].argmax(dim=1, keepdim=True) + 1  # (N, 1)
-    if single_mask_min_points and point_labels is not None:
-        single = (point_labels >= 0).sum(dim=1, keepdim=True) >= single_mask_min_points
+    if point_labels is None:
+        clicks = torch.zeros_like(best)
     else:
-        single = torch.zeros_like(best, dtype=torch.bool)
+        clicks = (point_labels >= 0).sum(dim=1, keepdim=True)
+    single = torch.zeros_like(best, dtype=torch.bool)
+    if single_mask_min_points:
+        single = single | (clicks >= single_mask_min_points)
+    if single_mask_text_only:
+        single = single | (clicks == 0)
     index = torch.where(single, torch.zeros_like(best), best)
     h, w = mask_logits.shape[-2:]
     chosen = torch.gather(mask_logits, 1, index[:, :, None, None].expand(-1, 1, h, w))[:, 0]
