@@ -51,6 +51,30 @@ def test_collect_and_convert_keep_every_mask(tmp_path, mask_aware):
     assert torch.equal(before, after)
 
 
+def test_collection_feeds_back_what_the_output_rule_answers(tmp_path):
+    """A model answering text-only and 2-click prompts with token 0: rounds 0 and 2 feed back token 0's mask,
+    the 1-click round the IoU head's pick among the 3 (what evaluation and the node answer with)."""
+    from training.evaluate import load_eval_items
+
+    torch.manual_seed(3)
+    model = FluoroSAM(dataclasses.replace(MINI, single_mask_min_points=2, single_mask_text_only=True)).eval()
+    items = list(load_eval_items(write_evalset(tmp_path / "set", n=1, size=(48, 64))))
+    calls = []
+    decode = model.decode_all_tokens
+
+    def recording_decode(embeddings, tokens, coords=None, labels=None, previous=None):
+        logits, iou = decode(embeddings, tokens, coords, labels, previous)
+        calls.append((0 if coords is None else coords.shape[1], previous, logits, iou))
+        return logits, iou
+
+    model.decode_all_tokens = recording_decode
+    collect_head_examples(model, items, click_rounds=3, progress=False)
+    assert [c[0] for c in calls] == [0, 1, 2, 3]
+    for (clicks, _, logits, iou), (_, fed, _, _) in zip(calls, calls[1:]):
+        expected = logits[:, 0] if clicks != 1 else FluoroSAM.best_mask(logits[:, 1:], iou[:, 1:])[0]
+        assert torch.equal(fed[:, 0], expected)
+
+
 def test_cli_changes_only_the_head_and_reports_held_out_picks(tmp_path):
     torch.manual_seed(2)
     save_checkpoint(FluoroSAM(dataclasses.replace(MINI, mask_aware_iou_head=False)), tmp_path / "model",

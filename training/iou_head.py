@@ -46,8 +46,8 @@ def collect_head_examples(model: FluoroSAM, items, click_rounds: int = 1,
                           progress: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mask-aware head inputs (S, 3, F), true IoU at the frame's resolution (S, 3), the model's own predicted IoU
     (S, 3) and the item index (S,), for every present class of every item: text only, then after each of
-    ``click_rounds`` clicks (evaluation's next_click on the model's pick, that mask fed back). Works whatever
-    head the model has."""
+    ``click_rounds`` clicks (evaluation's next_click on the model's answer under its output rule, that mask fed
+    back). Works whatever head the model has."""
     decoder = model.mask_decoder
     captured: dict[str, Tensor] = {}
     hooks = [decoder.iou_prediction_head.register_forward_hook(
@@ -78,17 +78,16 @@ def collect_head_examples(model: FluoroSAM, items, click_rounds: int = 1,
                 all_logits, all_iou = model.decode_all_tokens(embeddings, tokens, coords, labels, previous)
                 # Inputs for every output token (the head's mask index one-hot counts token 0), kept for the 3.
                 xs.append(MaskAwareIoUHead.inputs(captured["token"], all_logits, captured["features"])[:, 1:].float())
-                logits, iou_pred = all_logits[:, 1:], all_iou[:, 1:]
-                n, k_masks = logits.shape[:2]
-                masks = postprocess_masks(logits.reshape(n * k_masks, *logits.shape[2:]), geo) > 0
-                masks = masks.reshape(n, k_masks, *masks.shape[1:])
-                ys.append(mask_iou(masks, truth_t))  # as evaluation's mask_overlap: two empty masks agree
-                masks = masks.numpy()
-                preds.append(iou_pred.float())
+                n, k_tokens = all_logits.shape[:2]
+                masks = postprocess_masks(all_logits.reshape(n * k_tokens, *all_logits.shape[2:]), geo) > 0
+                masks = masks.reshape(n, k_tokens, *masks.shape[1:])
+                ys.append(mask_iou(masks[:, 1:], truth_t))  # as evaluation's mask_overlap: two empty masks agree
+                preds.append(all_iou[:, 1:].float())
                 owners.append(torch.full((n,), index))
-                best = iou_pred.argmax(1)
-                chosen = masks[np.arange(n), best.numpy()]
-                previous = logits[torch.arange(n), best][:, None]
+                # The next click and the fed-back mask follow the model's own output rule, as evaluation's do.
+                _, _, token = model.choose_output(all_logits, all_iou, labels)
+                chosen = masks[torch.arange(n), token].numpy()
+                previous = all_logits[torch.arange(n), token][:, None]
     finally:
         for hook in hooks:
             hook.remove()
