@@ -40,6 +40,7 @@ from engine.preprocess import letterbox, normalize, window
 from training.evaluate import next_click
 from training.losses import mask_iou, multimask_loss, supervised_contrastive_loss
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
+from training.model.fluorosam import answers_with_single_mask
 from training.model.config import FluoroSAMConfig
 from training.vocabulary import Vocabulary
 
@@ -345,27 +346,16 @@ class TrainingStep(nn.Module):
             targets = F.avg_pool2d(masks[image_index, class_index][:, None].float(), factor)[:, 0]
             scored, to_input_px = (lambda x: x), (lambda xy: xy * factor + (factor - 1) / 2)
         all_logits, all_iou = model.decode_all_tokens(embeddings, tokens)
-        logits, iou_pred = all_logits[:, 1:], all_iou[:, 1:]
-        single_min = options.single_mask_min_points
-        first = multimask_loss(scored(logits), iou_pred, targets, options.focal_weight, options.focal_alpha)
-        loss = first["mask"] + first["iou_head"]
+        loss, first, single, prev_low = self._score_round(all_logits, all_iou, targets, scored, clicks=0)
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
                "iou_text": first["best_iou"]}
-        if options.single_mask_text_only:
-            # Inference answers a text-only prompt with token 0's one mask: score it and feed it back.
-            single = multimask_loss(scored(all_logits[:, :1]), all_iou[:, :1], targets,
-                                    options.focal_weight, options.focal_alpha)
-            loss = loss + single["mask"] + single["iou_head"]
+        if single is not None:
             out["iou_text_single"] = single["best_iou"]
         if interactive_points:
             # SAM-style rounds: each adds ONE click drawn from the current error region (or none, for a
             # mask-only round), with the previous mask as the dense prompt, as evaluation and users do.
-            if options.single_mask_text_only:
-                prev_low = all_logits[:, :1].detach()
-            else:
-                prev_low = self._feedback(logits, iou_pred, first["best_index"])
-            coords = torch.zeros(n_prompts, 0, 2, device=logits.device)
-            labels = torch.zeros(n_prompts, 0, dtype=torch.long, device=logits.device)
+            coords = torch.zeros(n_prompts, 0, 2, device=all_logits.device)
+            labels = torch.zeros(n_prompts, 0, dtype=torch.long, device=all_logits.device)
             rounds = [True] * interactive_points + [False] * options.mask_only_rounds
             rounds = [rounds[i] for i in torch.randperm(len(rounds), generator=generator).tolist()]
             for adds_click in rounds:
@@ -378,26 +368,31 @@ class TrainingStep(nn.Module):
                     coords = torch.cat([coords, to_input_px(click)], 1)
                     labels = torch.cat([labels, label], 1)
                 all_logits, all_iou = model.decode_all_tokens(embeddings, tokens, coords, labels, prev_low)
-                logits_k, iou_k = all_logits[:, 1:], all_iou[:, 1:]
-                round_loss = multimask_loss(scored(logits_k), iou_k, targets, options.focal_weight,
-                                            options.focal_alpha)
-                round_total = round_loss["mask"] + round_loss["iou_head"]
-                clicks = coords.shape[1]
-                if (single_min and clicks >= single_min) or (options.single_mask_text_only and not clicks):
-                    # What inference answers with here: token 0's one mask, fed back to the next round.
-                    single = multimask_loss(scored(all_logits[:, :1]), all_iou[:, :1], targets,
-                                            options.focal_weight, options.focal_alpha)
-                    round_total = round_total + single["mask"] + single["iou_head"]
-                    prev_low = all_logits[:, :1].detach()
+                round_total, round_loss, single, prev_low = self._score_round(all_logits, all_iou, targets, scored,
+                                                                              clicks=coords.shape[1])
+                if single is not None:
                     out["iou_single"] = single["best_iou"]
-                else:
-                    prev_low = self._feedback(logits_k, iou_k, round_loss["best_index"])
                 loss = loss + round_total / len(rounds)
             out["iou_points"] = round_loss["best_iou"]
         loss = loss + options.vq_weight * vq_loss + options.contrastive_weight * contrastive
         out.update(loss=loss, vq=vq_loss.detach(), contrastive=contrastive.detach())
         out["_vectors"] = vectors.detach()
         return out
+
+    def _score_round(self, all_logits: Tensor, all_iou: Tensor, targets: Tensor, scored: Callable[[Tensor], Tensor],
+                     clicks: int) -> tuple[Tensor, dict, dict | None, Tensor]:
+        """One round's loss (best of the 3 masks, plus token 0's one mask where the output rule answers a prompt
+        with ``clicks`` clicks with it), the multimask and single-mask loss terms (None where the token does not
+        answer) and the (N, 1, h, w) logits fed back to the next round: what inference would answer with."""
+        options = self.options
+        multi = multimask_loss(scored(all_logits[:, 1:]), all_iou[:, 1:], targets, options.focal_weight,
+                               options.focal_alpha)
+        total = multi["mask"] + multi["iou_head"]
+        if not answers_with_single_mask(clicks, options.single_mask_min_points, options.single_mask_text_only):
+            return total, multi, None, self._feedback(all_logits[:, 1:], all_iou[:, 1:], multi["best_index"])
+        single = multimask_loss(scored(all_logits[:, :1]), all_iou[:, :1], targets, options.focal_weight,
+                                options.focal_alpha)
+        return total + single["mask"] + single["iou_head"], multi, single, all_logits[:, :1].detach()
 
     def _feedback(self, logits: Tensor, iou_pred: Tensor, best_index: Tensor) -> Tensor:
         """The (N, 1, h, w) mask logits the next round gets as its dense prompt (no gradient through it)."""

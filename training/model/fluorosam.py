@@ -176,16 +176,22 @@ def choose_output(mask_logits: Tensor, iou_pred: Tensor, point_labels: Tensor | 
     same choice from other per-token tensors (e.g. upsampled masks).
     """
     best = iou_pred[:, 1:].argmax(dim=1, keepdim=True) + 1  # (N, 1)
-    if point_labels is None:
-        clicks = torch.zeros_like(best)
-    else:
-        clicks = (point_labels >= 0).sum(dim=1, keepdim=True)
-    single = torch.zeros_like(best, dtype=torch.bool)
-    if single_mask_min_points:
-        single = single | (clicks >= single_mask_min_points)
-    if single_mask_text_only:
-        single = single | (clicks == 0)
+    clicks = torch.zeros_like(best) if point_labels is None else (point_labels >= 0).sum(dim=1, keepdim=True)
+    single = answers_with_single_mask(clicks, single_mask_min_points, single_mask_text_only)
     index = torch.where(single, torch.zeros_like(best), best)
     h, w = mask_logits.shape[-2:]
     chosen = torch.gather(mask_logits, 1, index[:, :, None, None].expand(-1, 1, h, w))[:, 0]
     return chosen, torch.gather(iou_pred, 1, index)[:, 0], index[:, 0]
+
+
+def answers_with_single_mask(clicks: Tensor | int, single_mask_min_points: int,
+                             single_mask_text_only: bool) -> Tensor | bool:
+    """Whether a prompt with ``clicks`` clicks (an int, or a tensor of counts) is answered by the single-mask
+    token: at least ``single_mask_min_points`` of them (0: never), or none when ``single_mask_text_only``. The
+    one statement of the rule, for :func:`choose_output` and training's rounds."""
+    single = clicks < 0  # False, of the same kind as ``clicks``
+    if single_mask_min_points:
+        single = single | (clicks >= single_mask_min_points)
+    if single_mask_text_only:
+        single = single | (clicks == 0)
+    return single
