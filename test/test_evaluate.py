@@ -11,13 +11,9 @@ from PIL import Image
 from training.evaluate import (add_arguments, calibrate_min_score, error_placement, evaluate_items,
                                load_eval_items, main, mask_overlap, next_click, summarize,
                                TorchPredictor)
-from training.model import FluoroSAM, get_config, save_checkpoint
+from training.model import FluoroSAM, save_checkpoint
 from synthetic_evalset import Oracle, write_evalset
-
-# A small real model for the tests that run the torch predictor end to end.
-MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
-                           swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
-                           codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0)
+from mini_model import MINI
 
 
 @pytest.mark.parametrize("perfect,expected", [(True, 1.0), (False, 0.0)])

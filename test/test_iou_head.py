@@ -7,13 +7,11 @@ import pytest
 import torch
 
 from training.iou_head import add_arguments, collect_head_examples, fit_head, main, with_mask_aware_head
-from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
+from training.model import FluoroSAM, load_checkpoint, save_checkpoint
 from training.model.decoder import MaskAwareIoUHead
 from synthetic_evalset import write_evalset
+from mini_model import MINI, record_decodes
 
-MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16, swin_depths=(1, 1, 1),
-                           swin_heads=(1, 2, 4), window_size=4, embed_stride=8, codebook_size=16,
-                           decoder_mlp_dim=64, drop_path_rate=0.0)
 
 
 def test_fit_learns_from_inputs_on_very_different_scales():
@@ -59,15 +57,7 @@ def test_collection_feeds_back_what_the_output_rule_answers(tmp_path):
     torch.manual_seed(3)
     model = FluoroSAM(dataclasses.replace(MINI, single_mask_min_points=2, single_mask_text_only=True)).eval()
     items = list(load_eval_items(write_evalset(tmp_path / "set", n=1, size=(48, 64))))
-    calls = []
-    decode = model.decode_all_tokens
-
-    def recording_decode(embeddings, tokens, coords=None, labels=None, previous=None):
-        logits, iou = decode(embeddings, tokens, coords, labels, previous)
-        calls.append((0 if coords is None else coords.shape[1], previous, logits, iou))
-        return logits, iou
-
-    model.decode_all_tokens = recording_decode
+    calls = record_decodes(model)
     collect_head_examples(model, items, click_rounds=3, progress=False)
     assert [c[0] for c in calls] == [0, 1, 2, 3]
     for (clicks, _, logits, iou), (_, fed, _, _) in zip(calls, calls[1:]):

@@ -8,11 +8,7 @@ from safetensors.torch import load_file
 
 from training.model import CONFIGS, FluoroSAM, FluoroSAMConfig, get_config, load_checkpoint, save_checkpoint
 from training.model.text import VectorQuantizer
-
-# A small config so the tests stay fast; the real "tiny" is exercised where it matters (encode_image).
-MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
-                           swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
-                           codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0)
+from mini_model import MINI  # small and fast; the real "tiny" is exercised where it matters (encode_image)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from training.losses import multimask_loss
-from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
+from training.model import FluoroSAM, load_checkpoint, save_checkpoint
 from training.train import (TrainingStep, TrainOptions, run_training, sample_error_points, sample_prompts,
                             with_deepest_clicks)
 from training.vocabulary import Vocabulary
+from mini_model import MINI, record_decodes
 
-MINI = dataclasses.replace(get_config("tiny"), name="mini", image_size=64, swin_embed_dim=16,
-                           swin_depths=(1, 1, 1), swin_heads=(1, 2, 4), window_size=4, embed_stride=8,
-                           codebook_size=16, decoder_mlp_dim=64, drop_path_rate=0.0)
 CLASSES = ["left lung", "right lung", "heart", "liver"]
 
 
@@ -89,23 +87,6 @@ def test_deepest_clicks_follow_evaluation_rule_only_where_chosen():
     assert torch.equal(perfect, coords)  # nothing to fix: the uniform fallback click stays
 
 
-def _record_decodes(model: FluoroSAM, multimask_only: bool = False) -> list[tuple]:
-    """Wrap ``model.decode_all_tokens``; each call appends (clicks, mask_input, logits, iou), the logits and IoUs
-    of all 4 output tokens or, with ``multimask_only``, of the 3 multimask ones."""
-    calls = []
-    decode = model.decode_all_tokens
-    kept = slice(1, None) if multimask_only else slice(None)
-
-    def recording_decode(embeddings, tokens, coords=None, labels=None, mask_input=None):
-        logits, iou = decode(embeddings, tokens, coords, labels, mask_input)
-        calls.append((0 if coords is None else coords.shape[1], mask_input, logits[:, kept].detach(),
-                      iou[:, kept].detach()))
-        return logits, iou
-
-    model.decode_all_tokens = recording_decode
-    return calls
-
-
 @pytest.mark.parametrize("loss_resolution", ["input", "decoder"])
 @pytest.mark.parametrize("feedback", ["best", "predicted"])
 def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback, loss_resolution):
@@ -115,7 +96,7 @@ def test_interactive_rounds_add_clicks_and_mask_only_rounds(feedback, loss_resol
     model = FluoroSAM(MINI)
     step = TrainingStep(model, _options(mask_only_rounds=1, feedback=feedback, loss_resolution=loss_resolution),
                         torch.Generator().manual_seed(0))
-    calls = _record_decodes(model, multimask_only=True)
+    calls = record_decodes(model, multimask_only=True)
     item = EllipseChests(n=1)[0]
     images = torch.from_numpy(item["image"])[None, None]
     masks = torch.from_numpy(item["masks"])[None]
@@ -147,7 +128,7 @@ def test_single_mask_token_learns_on_multi_click_rounds_and_answers_them():
     model = FluoroSAM(MINI)
     step = TrainingStep(model, _options(mask_only_rounds=0, feedback="predicted", single_mask_min_points=2),
                         torch.Generator().manual_seed(0))
-    calls = _record_decodes(model)
+    calls = record_decodes(model)
     item = EllipseChests(n=1)[0]
     out = step(torch.from_numpy(item["image"])[None, None], torch.from_numpy(item["masks"])[None],
                torch.tensor([0, 0]), torch.tensor([0, 2]), torch.randn(2, MINI.text_dim),
@@ -169,7 +150,7 @@ def test_single_mask_token_learns_on_text_only_rounds_and_answers_them():
     model = FluoroSAM(MINI)
     step = TrainingStep(model, _options(mask_only_rounds=1, feedback="predicted", single_mask_min_points=2,
                                         single_mask_text_only=True), torch.Generator().manual_seed(0))
-    calls = _record_decodes(model)
+    calls = record_decodes(model)
     item = EllipseChests(n=1)[0]
     out = step(torch.from_numpy(item["image"])[None, None], torch.from_numpy(item["masks"])[None],
                torch.tensor([0, 0]), torch.tensor([0, 2]), torch.randn(2, MINI.text_dim),
