@@ -113,6 +113,37 @@ def test_best_of_candidates_tells_a_weak_chooser_apart(tmp_path):
     assert "best_of_k_mean_iou" not in plain["points"]["0"]  # a predictor without candidates reports none
 
 
+class UnsureOfTheRightLung(Oracle):
+    """Perfect masks, scored 0.9 for the left lung and 0.2 for the right one."""
+
+    def predict(self, prompts, clicks, previous):
+        masks, _, _ = super().predict(prompts, clicks, previous)
+        return masks, [0.2 if p == "right lung" else 0.9 for p in prompts], None
+
+
+def test_published_view_counts_what_the_node_refuses(tmp_path):
+    """The node refuses masks scored below min_score and out-of-vocabulary prompts: the ``published`` entry
+    reports the share it publishes, the IoU of what it publishes, and the IoU with refusals as empty masks."""
+    items = list(load_eval_items(write_evalset(tmp_path)))
+    raw = evaluate_items(UnsureOfTheRightLung(perfect=True), items, [0, 1], show_progress=False)
+    assert "published" not in summarize(raw)["points"]["0"]  # no min_score: nothing to say
+    metrics = summarize(raw, min_score=0.5)
+    for k in ("0", "1"):
+        entry = metrics["points"][k]
+        assert entry["mean_iou"] == 1.0  # IoU of the answer, whatever its score
+        assert entry["published"] == {"min_score": 0.5, "rate": 0.5, "mean_iou": 1.0, "delivered_mean_iou": 0.5,
+                                      "largest15_rate": 0.5, "largest15_mean_iou": 1.0,
+                                      "largest15_delivered_mean_iou": 0.5}
+    nothing = summarize(raw, min_score=0.5, refused_prompts={"left lung"})["points"]["0"]["published"]
+    assert (nothing["rate"], nothing["mean_iou"], nothing["delivered_mean_iou"]) == (0.0, None, 0.0)
+    from training.evaluate import write_markdown
+
+    write_markdown(metrics, tmp_path / "metrics.md", "t")
+    text = (tmp_path / "metrics.md").read_text()
+    assert "refuses masks scored below min_score 0.500" in text
+    assert "| mean IoU, refusals as empty, classes | 0.500 | 0.500 |" in text
+
+
 def test_min_score_separates_good_from_bad():
     rows = [{"score": s, "iou": i} for s, i in [(0.9, 0.8), (0.8, 0.7), (0.3, 0.1), (0.2, 0.0), (0.6, 0.6)]]
     assert calibrate_min_score(rows) == pytest.approx(0.6)
@@ -150,6 +181,9 @@ def test_cli_with_a_real_checkpoint_writes_all_outputs(tmp_path):
     for entry in metrics["points"].values():  # the pick is one of the candidates, so never beats their best
         assert all(row["best_of_k_iou"] >= row["iou"] for row in entry["per_class"].values())
     assert recorded["points"]["0"]["best_of_k_mean_iou"] == metrics["points"]["0"]["best_of_k_mean_iou"]
+    # The node's view uses the min_score this run calibrated, and is recorded with the headline numbers.
+    assert recorded["points"]["2"]["published"] == metrics["points"]["2"]["published"]
+    assert metrics["points"]["0"]["published"]["min_score"] == model_json["min_score"]
 
 
 def test_torch_predictor_answers_multi_click_prompts_with_the_single_mask_token():

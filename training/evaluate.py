@@ -11,6 +11,10 @@ the previous low-resolution mask logits are fed back as the dense prompt.
 ``--calibrate`` also writes the OOV thresholds (from in-vocabulary phrases only, so the refusal
 rate reported on the vocabulary's nonsense prompts stays an honest, held-out number) and
 ``min_score`` (from the predicted-IoU vs true-IoU pairs of this eval set) into the model's model.json.
+
+IoU is that of the mask the model answers with, whatever its score. The node also refuses masks scored
+below ``min_score``; each point count's ``published`` entry says how many it would publish and what a
+consumer then gets (refusals counted as empty masks).
 """
 from __future__ import annotations
 
@@ -176,6 +180,8 @@ class TorchPredictor:
         self._embedding = None
         self._geo = None
         self.candidates: list[np.ndarray] | None = None
+        # Every round re-asks the same prompt lists: their encodings are computed once (the text side is frozen).
+        self._text: dict[tuple[str, ...], object] = {}
 
     @torch.no_grad()
     def set_frame(self, frame: np.ndarray) -> None:
@@ -194,7 +200,10 @@ class TorchPredictor:
             self.candidates = candidates
             return ([m for p in parts for m in p[0]], [s for p in parts for s in p[1]],
                     torch.cat([p[2] for p in parts]))
-        enc = self.model.encode_text(prompts)
+        key = tuple(prompts)
+        if key not in self._text:
+            self._text[key] = self.model.encode_text(prompts)
+        enc = self._text[key]
         coords = labels = None
         if clicks:
             longest = max(len(c) for c in clicks)
@@ -306,8 +315,37 @@ def _aggregate(rows: list[dict], key: str = "prompt") -> dict:
     return out
 
 
-def summarize(raw: dict, oov_refusal_rate: float | None = None, false_refusal_rate: float | None = None) -> dict:
-    """The metrics.json document. Means are over classes (each class weighs the same)."""
+def _class_mean(rows: list[dict], values: list[float]) -> float | None:
+    """Mean over classes of each class's mean value (None without rows)."""
+    grouped: dict[str, list[float]] = {}
+    for row, value in zip(rows, values):
+        grouped.setdefault(row["prompt"], []).append(value)
+    return float(np.mean([np.mean(v) for v in grouped.values()])) if grouped else None
+
+
+def _published(rows: list[dict], min_score: float, largest: list[str], refused_prompts: set[str]) -> dict:
+    """What the node publishes with ``min_score``: it refuses a mask whose predicted IoU is below it, and every
+    prompt in ``refused_prompts`` (out of vocabulary).
+
+    ``rate``: share of the (present) structures published; ``mean_iou``: class mean over published masks
+    only (what a consumer that trusts a published mask gets); ``delivered_mean_iou``: class mean with each
+    refusal counted as an empty mask (IoU 0), so refusing a good mask costs as much as missing it.
+    """
+    out: dict = {"min_score": float(min_score)}
+    for prefix, subset in (("", rows), (f"largest{LARGEST_K}_", [r for r in rows if r["prompt"] in largest])):
+        accepted = [r["score"] >= min_score and r["prompt"] not in refused_prompts for r in subset]
+        out[f"{prefix}rate"] = float(np.mean(accepted)) if subset else None
+        out[f"{prefix}mean_iou"] = _class_mean([r for r, a in zip(subset, accepted) if a],
+                                               [r["iou"] for r, a in zip(subset, accepted) if a])
+        out[f"{prefix}delivered_mean_iou"] = _class_mean(subset, [r["iou"] * a for r, a in zip(subset, accepted)])
+    return out
+
+
+def summarize(raw: dict, oov_refusal_rate: float | None = None, false_refusal_rate: float | None = None,
+              min_score: float | None = None, refused_prompts: set[str] = frozenset()) -> dict:
+    """The metrics.json document. Means are over classes (each class weighs the same). With the model's
+    ``min_score`` (and the prompts it refuses as out of vocabulary), each point count also says what the
+    node would publish (see :func:`_published`)."""
     largest = sorted(raw["mean_area"], key=lambda k: -raw["mean_area"][k])[:LARGEST_K]
     out: dict = {"points": {}, "largest_classes": largest}
     for k, rows in raw["records"].items():
@@ -316,6 +354,8 @@ def summarize(raw: dict, oov_refusal_rate: float | None = None, false_refusal_ra
         entry[f"largest{LARGEST_K}_mean_iou"] = sub["mean_iou"]
         if "best_of_k_mean_iou" in sub:
             entry[f"largest{LARGEST_K}_best_of_k_mean_iou"] = sub["best_of_k_mean_iou"]
+        if min_score is not None:
+            entry["published"] = _published(rows, min_score, largest, refused_prompts)
         out["points"][str(k)] = entry
     if raw["paraphrase"]:
         para = _aggregate(raw["paraphrase"], key="class")
@@ -418,6 +458,16 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
     if para:
         lines += ["", f"Held-out paraphrases (text only): mean IoU {para['mean_iou']:.3f} vs class names "
                   f"{para['class_name_mean_iou']:.3f} on the same classes (gap {para['gap']:+.3f})."]
+    gated = [c for c in counts if metrics["points"][c].get("published")]
+    if gated:
+        gate = metrics["points"][gated[0]]["published"]["min_score"]
+        lines += ["", f"What the node publishes: it refuses masks scored below min_score {gate:.3f}.", "",
+                  "| | " + " | ".join(f"{c} pt" for c in gated) + " |", "|---|" + "---|" * len(gated)]
+        for label, key in (("published (share of structures)", "rate"), ("mean IoU of published masks", "mean_iou"),
+                           ("mean IoU, refusals as empty", "delivered_mean_iou")):
+            for prefix, group in (("", "classes"), (f"largest{LARGEST_K}_", f"{LARGEST_K} largest")):
+                lines.append(f"| {label}, {group} | " + " | ".join(
+                    fraction(metrics["points"][c]["published"][prefix + key]) for c in gated) + " |")
     if metrics.get("oov_refusal_rate") is not None:
         lines += ["", f"Nonsense prompts refused: {100 * metrics['oov_refusal_rate']:.1f}%; in-vocabulary "
                   f"prompts refused: {100 * metrics['in_vocabulary_refusal_rate']:.1f}%."]
@@ -518,7 +568,9 @@ def summary_for_model_json(metrics: dict) -> dict:
     """The headline numbers of an evaluation (per-class tables stay in metrics.json)."""
     keep = ("mean_iou", "mean_dice", f"largest{LARGEST_K}_mean_iou", "best_of_k_mean_iou",
             f"largest{LARGEST_K}_best_of_k_mean_iou")
-    out = {"points": {k: {key: v[key] for key in keep if key in v} for k, v in metrics["points"].items()},
+    out = {"points": {k: {**{key: v[key] for key in keep if key in v},
+                          **({"published": v["published"]} if "published" in v else {})}
+                      for k, v in metrics["points"].items()},
            "oov_refusal_rate": metrics["oov_refusal_rate"],
            "in_vocabulary_refusal_rate": metrics["in_vocabulary_refusal_rate"],
            "items": metrics.get("items"), "eval_set": metrics.get("eval_set")}
@@ -568,8 +620,12 @@ def main(args: argparse.Namespace) -> int:
     raw = evaluate_items(predictor, items, point_counts, paraphrases, overlay_limit=args.overlays)
     oov_flags = predictor.refused(vocabulary.oov_examples) if vocabulary.oov_examples else []
     in_vocab = [p for name in vocabulary.names for p in [name, *vocabulary.heldout_phrases(name)]]
+    # The node's score gate: this eval set's calibration when asked for, else the model's own.
+    min_score = calibrate_min_score(raw["records"][point_counts[0]]) if args.calibrate else meta.get("min_score")
+    prompts = sorted({r["prompt"] for rows in raw["records"].values() for r in rows})
+    refused_prompts = {p for p, refused in zip(prompts, predictor.refused(prompts)) if refused}
     metrics = summarize(raw, float(np.mean(oov_flags)) if oov_flags else None,
-                        float(np.mean(predictor.refused(in_vocab))))
+                        float(np.mean(predictor.refused(in_vocab))), min_score, refused_prompts)
     metrics["model"] = str(model_dir)
     metrics["eval_set"] = str(args.eval_set)
     metrics["items"] = len({r["item"] for rows in raw["records"].values() for r in rows})
@@ -577,7 +633,6 @@ def main(args: argparse.Namespace) -> int:
         meta_path = model_dir / META_FILE
         document = json.loads(meta_path.read_text())
         if args.calibrate:
-            min_score = calibrate_min_score(raw["records"][point_counts[0]])
             document["oov"] = oov
             document["min_score"] = min_score
             metrics["calibrated"] = {"oov": oov, "min_score": min_score}
