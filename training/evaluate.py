@@ -329,7 +329,8 @@ def _published(rows: list[dict], min_score: float, largest: list[str], refused_p
 
     ``rate``: share of the (present) structures published; ``mean_iou``: class mean over published masks
     only (what a consumer that trusts a published mask gets); ``delivered_mean_iou``: class mean with each
-    refusal counted as an empty mask (IoU 0), so refusing a good mask costs as much as missing it.
+    refusal counted as an empty mask (IoU 0), so refusing a good mask costs as much as missing it; the same
+    for the largest classes; ``per_class_rate``: each class's share published.
     """
     out: dict = {"min_score": float(min_score)}
     for prefix, subset in (("", rows), (f"largest{LARGEST_K}_", [r for r in rows if r["prompt"] in largest])):
@@ -338,6 +339,10 @@ def _published(rows: list[dict], min_score: float, largest: list[str], refused_p
         out[f"{prefix}mean_iou"] = _class_mean([r for r, a in zip(subset, accepted) if a],
                                                [r["iou"] for r, a in zip(subset, accepted) if a])
         out[f"{prefix}delivered_mean_iou"] = _class_mean(subset, [r["iou"] * a for r, a in zip(subset, accepted)])
+    shares: dict[str, list[bool]] = {}
+    for row in rows:
+        shares.setdefault(row["prompt"], []).append(row["score"] >= min_score and row["prompt"] not in refused_prompts)
+    out["per_class_rate"] = {name: float(np.mean(v)) for name, v in sorted(shares.items())}
     return out
 
 
@@ -407,8 +412,10 @@ def calibrate_min_score(rows: list[dict]) -> float:
 def write_markdown(metrics: dict, path: Path, title: str) -> None:
     counts = sorted(metrics["points"], key=int)
     first = counts[0]
+    shares = (metrics["points"][first].get("published") or {}).get("per_class_rate")
     lines = [f"# {title}", "", "| class | n | " + " | ".join(f"IoU {c} pt" for c in counts)
-             + f" | precision {first} pt | recall {first} pt |", "|---|---|" + "---|" * (len(counts) + 2)]
+             + f" | precision {first} pt | recall {first} pt |" + (f" published {first} pt |" if shares else ""),
+             "|---|---|" + "---|" * (len(counts) + 2 + bool(shares))]
 
     def fraction(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -417,7 +424,8 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
     for name in classes:
         row = [metrics["points"][c]["per_class"][name] for c in counts]
         lines.append(f"| {name} | {row[0]['n']} | " + " | ".join(f"{r['iou']:.3f}" for r in row)
-                     + f" | {fraction(row[0]['precision'])} | {fraction(row[0]['recall'])} |")
+                     + f" | {fraction(row[0]['precision'])} | {fraction(row[0]['recall'])} |"
+                     + (f" {fraction(shares.get(name))} |" if shares else ""))
     lines.append("| **mean (classes)** | | " + " | ".join(f"**{metrics['points'][c]['mean_iou']:.3f}**"
                                                          for c in counts) + " | | |")
     key = f"largest{LARGEST_K}_mean_iou"
@@ -569,7 +577,8 @@ def summary_for_model_json(metrics: dict) -> dict:
     keep = ("mean_iou", "mean_dice", f"largest{LARGEST_K}_mean_iou", "best_of_k_mean_iou",
             f"largest{LARGEST_K}_best_of_k_mean_iou")
     out = {"points": {k: {**{key: v[key] for key in keep if key in v},
-                          **({"published": v["published"]} if "published" in v else {})}
+                          **({"published": {key: value for key, value in v["published"].items()
+                                            if key != "per_class_rate"}} if "published" in v else {})}
                       for k, v in metrics["points"].items()},
            "oov_refusal_rate": metrics["oov_refusal_rate"],
            "in_vocabulary_refusal_rate": metrics["in_vocabulary_refusal_rate"],
