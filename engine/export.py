@@ -11,7 +11,7 @@ data-dependent control flow and fixed shapes except the prompt count K (and the 
   predicted IoU, iou_predictions (K, 3) of the multimask output. The mask is chosen inside the graph by
   ``training.model.fluorosam.choose_output``: the single-mask token for prompts with at least the model's
   ``single_mask_min_points`` clicks (or with none, for a model with ``single_mask_text_only``), else the
-  best of the 3 masks (of all 4 outputs, for a model with ``single_mask_competes``).
+  best of the 3 masks.
 
 SAM appends one padding point whenever points are given; the graph does not (that would be control
 flow), so callers pass P = 0 for text-only prompts and append the padding point themselves
@@ -112,7 +112,6 @@ class PromptDecoderExport(nn.Module):
         self._choose_output = choose_output
         self.single_mask_min_points = config.single_mask_min_points
         self.single_mask_text_only = config.single_mask_text_only
-        self.single_mask_competes = config.single_mask_competes
         # The dense positional encoding depends only on the grid size: a constant of the graph.
         with torch.no_grad():
             self.register_buffer("image_pe", model.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
@@ -141,7 +140,7 @@ class PromptDecoderExport(nn.Module):
             image_embeddings=image_embedding, image_pe=self.image_pe,
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, high_res_features=tuple(high_res))
         chosen, scores, _ = self._choose_output(masks, iou_predictions, point_labels, self.single_mask_min_points,
-                                                self.single_mask_text_only, self.single_mask_competes)
+                                                self.single_mask_text_only)
         return chosen, scores, iou_predictions[:, 1:]  # the multimask output's predicted IoUs
 
 

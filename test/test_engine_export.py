@@ -203,34 +203,3 @@ def test_an_export_in_an_older_format_is_refused_with_the_fix(tmp_path):
     (tmp_path / "export.json").write_text(json.dumps({"format_version": 1}))
     with pytest.raises(ValueError, match="run `fluorosam export` again"):
         read_export_meta(tmp_path)
-
-
-def test_exported_decoder_lets_the_single_mask_token_compete(tmp_path):
-    """A model with ``single_mask_competes`` (and no click rule): the graph answers with the highest-scored of all
-    4 outputs, as ``choose_output`` does in torch; an IoU head biased towards token 0 makes it win every row,
-    also the 1-click row that the 3-mask rule would answer with a multimask output."""
-    torch.manual_seed(2)
-    model = FluoroSAM(dataclasses.replace(get_config("tiny"), single_mask_competes=True)).eval()
-    with torch.no_grad():
-        model.mask_decoder.iou_prediction_head.layers[-1].bias[0] += 100.0
-    save_checkpoint(model, tmp_path / "model", {})
-    onnx_dir = export_model(tmp_path / "model", tmp_path / "onnx", with_text_table=False)
-    config = model.config
-    g = torch.Generator().manual_seed(4)
-    embeddings = {name: torch.randn(*shape, generator=g) for name, shape in embedding_shapes(config).items()}
-    tokens = torch.randn(2, 256, generator=g)
-    coords, labels = pack_points([[], [(40.0, 60.0, 1)]], lambda xy: xy)
-    masks, scores, _ = _session(onnx_dir / DECODER_FILE).run(None, {
-        **{name: t.numpy() for name, t in embeddings.items()}, "text_tokens": tokens.numpy(),
-        "point_coords": coords, "point_labels": labels,
-        "mask_input": np.zeros((2, 1, config.mask_hw, config.mask_hw), np.float32),
-        "has_mask_input": np.zeros((2, 1), np.float32)})
-    with torch.no_grad():
-        ref_labels = torch.from_numpy(labels[:, :-1]).long()
-        logits, iou_pred = model.decode_all_tokens(tuple(embeddings.values()), tokens,
-                                                   torch.from_numpy(coords[:, :-1]), ref_labels)
-        chosen, score, index = model.choose_output(logits, iou_pred, ref_labels)
-    assert index.tolist() == [0, 0]
-    np.testing.assert_allclose(scores, score.numpy(), rtol=1e-4)
-    for i in range(2):
-        assert _iou(masks[i] > 0, logits[i, 0].numpy() > 0) >= 0.99

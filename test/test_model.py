@@ -265,20 +265,6 @@ def test_output_rule_answers_text_only_prompts_with_the_single_mask_token_when_a
     assert choose_output(logits, iou, None, 2, False)[2].tolist() == [2, 1, 3]
 
 
-def test_output_rule_lets_the_single_mask_token_compete_when_asked():
-    """``single_mask_competes``: prompts not handed to token 0 outright take the best of all 4 predicted IoUs."""
-    from training.model.fluorosam import choose_output
-
-    logits = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 4, 1, 1)
-    iou = torch.tensor([[0.9, 0.1, 0.8, 0.2], [0.9, 0.7, 0.1, 0.2], [0.0, 0.1, 0.2, 0.3]])
-    labels = torch.tensor([[-1, -1], [1, -1], [1, 0]])  # 0, 1 and 2 clicks
-    chosen, score, index = choose_output(logits, iou, labels, 0, False, True)
-    assert index.tolist() == [0, 0, 3] and score.tolist() == pytest.approx([0.9, 0.9, 0.3])
-    assert chosen[:, 0, 0].tolist() == [0.0, 4.0, 11.0]
-    assert choose_output(logits, iou, labels, 2, False, True)[2].tolist() == [0, 0, 0]  # 2 clicks: token 0 outright
-    assert choose_output(logits, iou, labels, 0, False, False)[2].tolist() == [2, 1, 3]  # off: the 3 only
-
-
 def test_copied_mask_token_answers_like_its_source():
     torch.manual_seed(0)
     model = FluoroSAM(MINI).eval()

@@ -49,9 +49,6 @@ class FluoroSAMConfig:
     # ``fluorosam train --single-mask-text-only``): a class name, unlike a lone click, names one structure, so
     # it needs no ambiguity-aware choice. A lone click keeps the pick among the three either way.
     single_mask_text_only: bool = False
-    # Every other prompt takes the output its IoU head scores highest among the 3 multimask ones, or, with this,
-    # among all 4 (the single-mask token too): the head scores every output, so it can also judge token 0.
-    single_mask_competes: bool = False
     extra: dict = field(default_factory=dict)  # free-form notes carried into model.json
 
     def __post_init__(self) -> None:

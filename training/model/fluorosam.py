@@ -149,7 +149,7 @@ class FluoroSAM(nn.Module):
                       point_labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The mask each prompt answers with, from :meth:`decode_all_tokens`' output (see :func:`choose_output`)."""
         return choose_output(mask_logits, iou_pred, point_labels, self.config.single_mask_min_points,
-                             self.config.single_mask_text_only, self.config.single_mask_competes)
+                             self.config.single_mask_text_only)
 
     @staticmethod
     def best_mask(mask_logits: Tensor, iou_pred: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,20 +165,17 @@ class FluoroSAM(nn.Module):
 
 
 def choose_output(mask_logits: Tensor, iou_pred: Tensor, point_labels: Tensor | None,
-                  single_mask_min_points: int, single_mask_text_only: bool = False,
-                  single_mask_competes: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                  single_mask_min_points: int, single_mask_text_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """SAM's output rule, shared by evaluation and the exported decoder (so every backend answers alike).
 
     ``mask_logits`` (N, 4, H, W) and ``iou_pred`` (N, 4) of all output tokens; ``point_labels`` (N, P) with
     -1 for padding (None: no clicks). A prompt with at least ``single_mask_min_points`` clicks (0: never), or
     with no click at all when ``single_mask_text_only``, takes the single-mask token; any other takes the
-    output with the highest predicted IoU among the 3 multimask ones, or among all 4 with
-    ``single_mask_competes``. Returns the chosen logits (N, H, W), its predicted IoU (N,) and the chosen
-    token's index (N,) (0: the single-mask token answered), with which a caller takes the same choice from
-    other per-token tensors (e.g. upsampled masks).
+    multimask output with the highest predicted IoU. Returns the chosen logits (N, H, W), its predicted IoU
+    (N,) and the chosen token's index (N,) (0: the single-mask token answered), with which a caller takes the
+    same choice from other per-token tensors (e.g. upsampled masks).
     """
-    first = 0 if single_mask_competes else 1
-    best = iou_pred[:, first:].argmax(dim=1, keepdim=True) + first  # (N, 1)
+    best = iou_pred[:, 1:].argmax(dim=1, keepdim=True) + 1  # (N, 1)
     clicks = torch.zeros_like(best) if point_labels is None else (point_labels >= 0).sum(dim=1, keepdim=True)
     single = answers_with_single_mask(clicks, single_mask_min_points, single_mask_text_only)
     index = torch.where(single, torch.zeros_like(best), best)
