@@ -23,7 +23,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
 from engine.preprocess import postprocess_masks, preprocess
+
+if TYPE_CHECKING:  # the model stays unimported for `fluorosam compare`
+    from training.model.text import TextEncoding
 
 # Masks of fewer pixels than this are skipped (a structure cut by the image edge to a sliver).
 MIN_MASK_PIXELS = 16
@@ -181,7 +184,7 @@ class TorchPredictor:
         self._geo = None
         self.candidates: list[np.ndarray] | None = None
         # Every round re-asks the same prompt lists: their encodings are computed once (the text side is frozen).
-        self._text: dict[tuple[str, ...], object] = {}
+        self._text: dict[tuple[str, ...], TextEncoding] = {}
 
     @torch.no_grad()
     def set_frame(self, frame: np.ndarray) -> None:
@@ -332,16 +335,19 @@ def _published(rows: list[dict], min_score: float, largest: list[str], refused_p
     refusal counted as an empty mask (IoU 0), so refusing a good mask costs as much as missing it; the same
     for the largest classes; ``per_class_rate``: each class's share published.
     """
+    def is_published(row: dict) -> bool:
+        return row["score"] >= min_score and row["prompt"] not in refused_prompts
+
     out: dict = {"min_score": float(min_score)}
     for prefix, subset in (("", rows), (f"largest{LARGEST_K}_", [r for r in rows if r["prompt"] in largest])):
-        accepted = [r["score"] >= min_score and r["prompt"] not in refused_prompts for r in subset]
+        accepted = [is_published(r) for r in subset]
         out[f"{prefix}rate"] = float(np.mean(accepted)) if subset else None
         out[f"{prefix}mean_iou"] = _class_mean([r for r, a in zip(subset, accepted) if a],
                                                [r["iou"] for r, a in zip(subset, accepted) if a])
         out[f"{prefix}delivered_mean_iou"] = _class_mean(subset, [r["iou"] * a for r, a in zip(subset, accepted)])
     shares: dict[str, list[bool]] = {}
     for row in rows:
-        shares.setdefault(row["prompt"], []).append(row["score"] >= min_score and row["prompt"] not in refused_prompts)
+        shares.setdefault(row["prompt"], []).append(is_published(row))
     out["per_class_rate"] = {name: float(np.mean(v)) for name, v in sorted(shares.items())}
     return out
 
@@ -412,10 +418,11 @@ def calibrate_min_score(rows: list[dict]) -> float:
 def write_markdown(metrics: dict, path: Path, title: str) -> None:
     counts = sorted(metrics["points"], key=int)
     first = counts[0]
-    shares = (metrics["points"][first].get("published") or {}).get("per_class_rate")
+    published_share = (metrics["points"][first].get("published") or {}).get("per_class_rate")
     lines = [f"# {title}", "", "| class | n | " + " | ".join(f"IoU {c} pt" for c in counts)
-             + f" | precision {first} pt | recall {first} pt |" + (f" published {first} pt |" if shares else ""),
-             "|---|---|" + "---|" * (len(counts) + 2 + bool(shares))]
+             + f" | precision {first} pt | recall {first} pt |"
+             + (f" published {first} pt |" if published_share else ""),
+             "|---|---|" + "---|" * (len(counts) + 2 + bool(published_share))]
 
     def fraction(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -425,7 +432,7 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
         row = [metrics["points"][c]["per_class"][name] for c in counts]
         lines.append(f"| {name} | {row[0]['n']} | " + " | ".join(f"{r['iou']:.3f}" for r in row)
                      + f" | {fraction(row[0]['precision'])} | {fraction(row[0]['recall'])} |"
-                     + (f" {fraction(shares.get(name))} |" if shares else ""))
+                     + (f" {fraction(published_share.get(name))} |" if published_share else ""))
     lines.append("| **mean (classes)** | | " + " | ".join(f"**{metrics['points'][c]['mean_iou']:.3f}**"
                                                          for c in counts) + " | | |")
     key = f"largest{LARGEST_K}_mean_iou"
