@@ -51,6 +51,35 @@ def test_mask_overlap_and_clicks():
     assert next_click(a, a) is None
 
 
+def test_clicks_match_the_whole_frame_distance_transform():
+    """next_click works on the error's bounding box: the same click as SAM's rule over the whole frame (distance
+    to the nearest pixel without error or to the image border, first maximum in raster order), also for errors
+    touching the border, split in pieces or tied."""
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+    def whole_frame_click(pred, gt):
+        best = None
+        for error, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
+            if error.any():
+                dist = distance_transform_edt(np.pad(error, 1))[1:-1, 1:-1]
+                y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+                if best is None or dist[y, x] > best[0]:
+                    best = (dist[y, x], (float(x), float(y), label))
+        return None if best is None else best[1]
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        shape = tuple(rng.integers(8, 90, size=2))
+        gt, pred = (gaussian_filter(rng.normal(size=shape), rng.uniform(0.5, 6)) > rng.uniform(-0.3, 0.3)
+                    for _ in range(2))
+        assert next_click(pred, gt) == whole_frame_click(pred, gt), trial
+    square = np.zeros((9, 9), bool)
+    square[2:5, 2:5] = True  # a tie-free centre; then two equal blobs: the first in raster order wins
+    assert next_click(np.zeros_like(square), square) == (3.0, 3.0, 1)
+    twins = square | np.roll(square, 4, axis=1)
+    assert next_click(np.zeros_like(twins), twins) == whole_frame_click(np.zeros_like(twins), twins) == (3.0, 3.0, 1)
+
+
 def test_error_placement_is_column_by_column():
     """A 4x4 truth block; errors under it, over it, in a column it never reaches and in a hole of its span."""
     truth = np.zeros((12, 10), bool)
