@@ -222,6 +222,15 @@ def test_average_of_fine_tunes(tmp_path):
     reloaded, _ = load_checkpoint(tmp_path / "soup")
     assert all(torch.equal(t, averaged.state_dict()[n]) for n, t in reloaded.state_dict().items())
 
+    # The same phrase table recomputed on another machine, an ulp apart in places: the same table, the first kept.
+    nudged, _ = load_checkpoint(folders[1])
+    ulp_apart = table.half().clone()
+    ulp_apart[0, :7] = torch.nextafter(ulp_apart[0, :7], torch.full_like(ulp_apart[0, :7], 2.0))
+    nudged.set_phrase_table(ulp_apart)
+    save_checkpoint(nudged, tmp_path / "nudged", {"vocabulary_sha256": "v"})
+    assert not torch.equal(nudged.phrase_table, states[0]["phrase_table"])
+    assert torch.equal(average_checkpoints([folders[0], tmp_path / "nudged"])[0].phrase_table,
+                       states[0]["phrase_table"])
     other = FluoroSAM(MINI).eval()
     other.set_phrase_table(torch.randn(5, MINI.text_dim))
     save_checkpoint(other, tmp_path / "other-table", {"vocabulary_sha256": "v"})
