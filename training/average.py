@@ -7,9 +7,9 @@ weights is itself a model, often better than each ("model soups", Wortsman et al
 with 3 / 5 clicks against the start, more than any of the three, but not on the real films' lungs text-only.
 
 Every floating-point tensor is averaged in float64 and cast back to its dtype. Tensors that training does not
-change (the phrase table, integer buffers) must be equal in all inputs (the phrase table up to float16 rounding). The out-of-vocabulary thresholds and
-``min_score`` belong to one model's code distances and scores, so the output takes the strictest of the
-inputs' until it is calibrated again (``fluorosam evaluate --calibrate`` on a val set).
+change (the phrase table, integer buffers) must be equal in all inputs, the phrase table up to float16 rounding.
+The out-of-vocabulary thresholds and ``min_score`` belong to one model's code distances and scores, so the output
+takes the strictest of the inputs' until it is calibrated again (``fluorosam evaluate --calibrate`` on a val set).
 """
 from __future__ import annotations
 

@@ -188,11 +188,12 @@ class TorchPredictor:
         self._embedding = None
         self._geo = None
         self.candidates: list[np.ndarray] | None = None
-        # Every round re-asks the same prompt lists: their encodings are computed once (the text side is frozen).
+        # Every click round re-asks the frame's prompt lists: encoded once per frame (the text side is frozen).
         self._text: dict[tuple[str, ...], TextEncoding] = {}
 
     @torch.no_grad()
     def set_frame(self, frame: np.ndarray) -> None:
+        self._text.clear()  # prompt lists differ from frame to frame: keep the cache to this one's rounds
         image, self._geo = preprocess(frame, self.model.config.image_size)
         self._embedding = self.model.encode_image(torch.from_numpy(image).to(self.device))
 
@@ -323,12 +324,18 @@ def _aggregate(rows: list[dict], key: str = "prompt") -> dict:
     return out
 
 
-def _class_mean(rows: list[dict], values: list[float]) -> float | None:
-    """Mean over classes of each class's mean value (None without rows)."""
+def _per_class_mean(rows: list[dict], values: list[float]) -> dict[str, float]:
+    """Each class's mean value, classes in the order they first appear."""
     grouped: dict[str, list[float]] = {}
     for row, value in zip(rows, values):
         grouped.setdefault(row["prompt"], []).append(value)
-    return float(np.mean([np.mean(v) for v in grouped.values()])) if grouped else None
+    return {name: float(np.mean(v)) for name, v in grouped.items()}
+
+
+def _class_mean(rows: list[dict], values: list[float]) -> float | None:
+    """Mean over classes of each class's mean value (None without rows)."""
+    per_class = _per_class_mean(rows, values)
+    return float(np.mean(list(per_class.values()))) if per_class else None
 
 
 def _published(rows: list[dict], min_score: float, largest: list[str], refused_prompts: set[str]) -> dict:
@@ -340,20 +347,15 @@ def _published(rows: list[dict], min_score: float, largest: list[str], refused_p
     refusal counted as an empty mask (IoU 0), so refusing a good mask costs as much as missing it; the same
     for the largest classes; ``per_class_rate``: each class's share published.
     """
-    def is_published(row: dict) -> bool:
-        return row["score"] >= min_score and row["prompt"] not in refused_prompts
-
+    published = [r["score"] >= min_score and r["prompt"] not in refused_prompts for r in rows]
     out: dict = {"min_score": float(min_score)}
-    for prefix, subset in (("", rows), (f"largest{LARGEST_K}_", [r for r in rows if r["prompt"] in largest])):
-        accepted = [is_published(r) for r in subset]
-        out[f"{prefix}rate"] = float(np.mean(accepted)) if subset else None
-        out[f"{prefix}mean_iou"] = _class_mean([r for r, a in zip(subset, accepted) if a],
-                                               [r["iou"] for r, a in zip(subset, accepted) if a])
-        out[f"{prefix}delivered_mean_iou"] = _class_mean(subset, [r["iou"] * a for r, a in zip(subset, accepted)])
-    shares: dict[str, list[bool]] = {}
-    for row in rows:
-        shares.setdefault(row["prompt"], []).append(is_published(row))
-    out["per_class_rate"] = {name: float(np.mean(v)) for name, v in sorted(shares.items())}
+    for prefix, names in (("", None), (f"largest{LARGEST_K}_", set(largest))):
+        pairs = [(r, a) for r, a in zip(rows, published) if names is None or r["prompt"] in names]
+        kept = [r for r, a in pairs if a]
+        out[f"{prefix}rate"] = float(np.mean([a for _, a in pairs])) if pairs else None
+        out[f"{prefix}mean_iou"] = _class_mean(kept, [r["iou"] for r in kept])
+        out[f"{prefix}delivered_mean_iou"] = _class_mean([r for r, _ in pairs], [r["iou"] * a for r, a in pairs])
+    out["per_class_rate"] = dict(sorted(_per_class_mean(rows, published).items()))
     return out
 
 
