@@ -125,3 +125,16 @@ def postprocess_masks(logits: np.ndarray | torch.Tensor, geo: Letterbox) -> torc
     t = t[..., : geo.scaled_h, : geo.scaled_w]
     t = F.interpolate(t, size=(geo.orig_h, geo.orig_w), mode="bilinear", align_corners=False)
     return t[0]
+
+
+def refusal_reason(score: float, min_score: float, mask_is_empty: bool) -> str:
+    """Why a decoded mask is not published ("" when it is): the node's rule, which evaluation reports too.
+
+    A score below ``min_score`` is refused before the mask is looked at; a confident but empty mask (the
+    model's way of saying the structure is absent) is refused as well, since it gives a consumer nothing to act on.
+    """
+    if score < min_score:
+        return "low_score"
+    if mask_is_empty:
+        return "empty_mask"
+    return ""

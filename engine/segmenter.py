@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.preprocess import FrameError, Letterbox, postprocess_masks, preprocess, validate_frame
+from engine.preprocess import FrameError, Letterbox, postprocess_masks, preprocess, refusal_reason, validate_frame
 
 log = logging.getLogger(__name__)
 
@@ -388,12 +388,9 @@ class Segmenter:
         for i, prompt in enumerate(prompts):
             score = float(scores[i])
             key = self._temporal_key(prompt)
-            if score < self.min_score:
-                results.append(PromptResult(prompt.text, None, score, True, "low_score"))
-                self._previous_masks.pop(key, None)
-                continue
-            if not masks[i].any():
-                results.append(PromptResult(prompt.text, None, score, True, "empty_mask"))
+            reason = refusal_reason(score, self.min_score, not masks[i].any())
+            if reason:
+                results.append(PromptResult(prompt.text, None, score, True, reason))
                 self._previous_masks.pop(key, None)
                 continue
             area, bbox, centroid = _describe(masks[i])

@@ -170,15 +170,37 @@ def test_published_view_counts_what_the_node_refuses(tmp_path):
 
     write_markdown(metrics, tmp_path / "metrics.md", "t")
     text = (tmp_path / "metrics.md").read_text()
-    assert "refuses masks scored below min_score 0.500" in text
+    assert "refuses masks scored below min_score 0.500 and empty masks" in text
     assert "| mean IoU, refusals as empty, classes | 0.500 | 0.500 |" in text
     right = next(line for line in text.splitlines() if line.startswith("| right lung"))
     assert right.endswith("| 1.000 | 1.000 | 0.000 |")  # precision, recall, published share at 0 pt
 
 
 def test_min_score_separates_good_from_bad():
-    rows = [{"score": s, "iou": i} for s, i in [(0.9, 0.8), (0.8, 0.7), (0.3, 0.1), (0.2, 0.0), (0.6, 0.6)]]
+    rows = [{"score": s, "iou": i, "pred_px": 10} for s, i in [(0.9, 0.8), (0.8, 0.7), (0.3, 0.1), (0.2, 0.0),
+                                                                 (0.6, 0.6)]]
     assert calibrate_min_score(rows) == pytest.approx(0.6)
+    # Confident empty masks are refused by the node anyway: they must not drag the threshold up.
+    empties = [{"score": 0.7, "iou": 0.0, "pred_px": 0}] * 4
+    assert calibrate_min_score(rows + empties) == pytest.approx(0.6)
+    assert calibrate_min_score(rows + [dict(e, pred_px=10) for e in empties]) == pytest.approx(0.8)  # were they drawn
+
+
+class EmptyRightLung(Oracle):
+    """Perfect left lung, an empty right lung, both scored 0.9 (the model saying "absent" with confidence)."""
+
+    def predict(self, prompts, clicks, previous):
+        masks, _, _ = super().predict(prompts, clicks, previous)
+        masks = [np.zeros_like(m) if p == "right lung" else m for m, p in zip(masks, prompts)]
+        return masks, [0.9] * len(prompts), None
+
+
+def test_published_view_refuses_empty_masks_as_the_node_does(tmp_path):
+    items = list(load_eval_items(write_evalset(tmp_path)))
+    raw = evaluate_items(EmptyRightLung(perfect=True), items, [0], show_progress=False)
+    published = summarize(raw, min_score=0.5)["points"]["0"]["published"]
+    assert published["per_class_rate"] == {"left lung": 1.0, "right lung": 0.0}
+    assert (published["rate"], published["mean_iou"], published["delivered_mean_iou"]) == (0.5, 1.0, 0.5)
 
 
 def test_eval_set_mask_shape_mismatch_is_a_clear_error(tmp_path):

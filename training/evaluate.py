@@ -31,7 +31,7 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
-from engine.preprocess import postprocess_masks, preprocess
+from engine.preprocess import postprocess_masks, preprocess, refusal_reason
 
 if TYPE_CHECKING:  # the model stays unimported for `fluorosam compare`
     from training.model.text import TextEncoding
@@ -339,15 +339,17 @@ def _class_mean(rows: list[dict], values: list[float]) -> float | None:
 
 
 def _published(rows: list[dict], min_score: float, largest: list[str], refused_prompts: set[str]) -> dict:
-    """What the node publishes with ``min_score``: it refuses a mask whose predicted IoU is below it, and every
-    prompt in ``refused_prompts`` (out of vocabulary).
+    """What the node publishes with ``min_score``: it refuses every prompt in ``refused_prompts`` (out of
+    vocabulary) and each mask the node's rule refuses (:func:`engine.preprocess.refusal_reason`: predicted IoU
+    below ``min_score``, or an empty mask).
 
     ``rate``: share of the (present) structures published; ``mean_iou``: class mean over published masks
     only (what a consumer that trusts a published mask gets); ``delivered_mean_iou``: class mean with each
     refusal counted as an empty mask (IoU 0), so refusing a good mask costs as much as missing it; the same
     for the largest classes; ``per_class_rate``: each class's share published.
     """
-    published = [r["score"] >= min_score and r["prompt"] not in refused_prompts for r in rows]
+    published = [r["prompt"] not in refused_prompts and not refusal_reason(r["score"], min_score, r["pred_px"] == 0)
+                 for r in rows]
     out: dict = {"min_score": float(min_score)}
     for prefix, names in (("", None), (f"largest{LARGEST_K}_", set(largest))):
         pairs = [(r, a) for r, a in zip(rows, published) if names is None or r["prompt"] in names]
@@ -407,7 +409,11 @@ def calibrate_oov(model, vocabulary, keep_fraction: float = 0.98) -> dict:
 
 
 def calibrate_min_score(rows: list[dict]) -> float:
-    """Predicted-IoU threshold that best separates useful masks (IoU >= 0.5) from the rest (balanced accuracy)."""
+    """Predicted-IoU threshold that best separates useful masks (IoU >= 0.5) from the rest (balanced accuracy).
+
+    Fitted on non-empty masks only: the node refuses an empty mask whatever its score, so those are not
+    decisions the threshold makes."""
+    rows = [r for r in rows if r["pred_px"] > 0]
     scores = np.array([r["score"] for r in rows])
     useful = np.array([r["iou"] >= MIN_SCORE_USEFUL_IOU for r in rows])
     if useful.all() or not useful.any():
@@ -483,7 +489,7 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
     gated = [c for c in counts if metrics["points"][c].get("published")]
     if gated:
         gate = metrics["points"][gated[0]]["published"]["min_score"]
-        lines += ["", f"What the node publishes: it refuses masks scored below min_score {gate:.3f}.", "",
+        lines += ["", f"What the node publishes: it refuses masks scored below min_score {gate:.3f} and empty masks.", "",
                   "| | " + " | ".join(f"{c} pt" for c in gated) + " |", "|---|" + "---|" * len(gated)]
         for label, key in (("published (share of structures)", "rate"), ("mean IoU of published masks", "mean_iou"),
                            ("mean IoU, refusals as empty", "delivered_mean_iou")):
