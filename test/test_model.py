@@ -221,6 +221,10 @@ def test_average_of_fine_tunes(tmp_path):
     save_checkpoint(averaged, tmp_path / "soup", meta)
     reloaded, _ = load_checkpoint(tmp_path / "soup")
     assert all(torch.equal(t, averaged.state_dict()[n]) for n, t in reloaded.state_dict().items())
+    # An average of an average keeps the inner one's ingredients (it has no training record of its own).
+    _, nested = average_checkpoints([tmp_path / "soup", folders[0]])
+    assert nested["averaged_from"][0]["averaged_from"] == meta["averaged_from"]
+    assert "averaged_from" not in nested["averaged_from"][1]
 
     # The same phrase table recomputed on another machine, an ulp apart in places: the same table, the first kept.
     nudged, _ = load_checkpoint(folders[1])

@@ -72,8 +72,17 @@ def average_checkpoints(model_dirs: list[str | Path]) -> tuple[FluoroSAM, dict]:
             "data_manifest_sha256": manifests.pop() if len(manifests) == 1 else None,
             "min_score": _strictest([m.get("min_score") for m in metas], max),
             "metrics": {},
-            "averaged_from": [{"path": str(d), "training": m.get("training")} for d, m in zip(model_dirs, metas)]}
+            "averaged_from": [_ingredient(d, m) for d, m in zip(model_dirs, metas)]}
     return model.eval(), meta
+
+
+def _ingredient(model_dir: str | Path, meta: dict) -> dict:
+    """One input's provenance: its training record, or for an input that is itself an average (no training
+    record) its own ingredients, so averaging an average keeps the whole chain."""
+    record = {"path": str(model_dir), "training": meta.get("training")}
+    if "averaged_from" in meta:
+        record["averaged_from"] = meta["averaged_from"]
+    return record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
