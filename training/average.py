@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from training.model import FluoroSAM, save_checkpoint
 from training.model.checkpoint import WEIGHTS_FILE, model_from_state, read_meta
+from training.train import checkpoint_provenance
 
 MUST_BE_EQUAL = ("phrase_table",)  # set from the vocabulary, never trained
 
@@ -72,17 +73,9 @@ def average_checkpoints(model_dirs: list[str | Path]) -> tuple[FluoroSAM, dict]:
             "data_manifest_sha256": manifests.pop() if len(manifests) == 1 else None,
             "min_score": _strictest([m.get("min_score") for m in metas], max),
             "metrics": {},
-            "averaged_from": [_ingredient(d, m) for d, m in zip(model_dirs, metas)]}
+            # Each input as a warm start records it (weights hash, training record or its own ingredients).
+            "averaged_from": [checkpoint_provenance(d) for d in model_dirs]}
     return model.eval(), meta
-
-
-def _ingredient(model_dir: str | Path, meta: dict) -> dict:
-    """One input's provenance: its training record, or for an input that is itself an average (no training
-    record) its own ingredients, so averaging an average keeps the whole chain."""
-    record = {"path": str(model_dir), "training": meta.get("training")}
-    if "averaged_from" in meta:
-        record["averaged_from"] = meta["averaged_from"]
-    return record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
