@@ -355,7 +355,8 @@ def test_prepare_batch_crop_keeps_masks_aligned_with_pixels():
 
 def test_warm_start_copies_matching_tensors_only(tmp_path):
     from training.model import FluoroSAM, save_checkpoint
-    from training.train import checkpoint_provenance, warm_start
+    from training.model.checkpoint import checkpoint_provenance
+    from training.train import warm_start
 
     torch.manual_seed(0)
     source = FluoroSAM(MINI).eval()

@@ -22,8 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.model import FluoroSAM, save_checkpoint
-from training.model.checkpoint import WEIGHTS_FILE, model_from_state, read_meta
-from training.train import checkpoint_provenance
+from training.model.checkpoint import WEIGHTS_FILE, checkpoint_provenance, model_from_state, read_meta
 
 MUST_BE_EQUAL = ("phrase_table",)  # set from the vocabulary, never trained
 

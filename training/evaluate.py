@@ -489,8 +489,8 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
     gated = [c for c in counts if metrics["points"][c].get("published")]
     if gated:
         gate = metrics["points"][gated[0]]["published"]["min_score"]
-        lines += ["", f"What the node publishes: it refuses masks scored below min_score {gate:.3f} and empty masks.", "",
-                  "| | " + " | ".join(f"{c} pt" for c in gated) + " |", "|---|" + "---|" * len(gated)]
+        lines += ["", f"What the node publishes: it refuses masks scored below min_score {gate:.3f} and empty masks.",
+                  "", "| | " + " | ".join(f"{c} pt" for c in gated) + " |", "|---|" + "---|" * len(gated)]
         for label, key in (("published (share of structures)", "rate"), ("mean IoU of published masks", "mean_iou"),
                            ("mean IoU, refusals as empty", "delivered_mean_iou")):
             for prefix, group in (("", "classes"), (f"largest{LARGEST_K}_", f"{LARGEST_K} largest")):

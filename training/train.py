@@ -40,6 +40,7 @@ from engine.preprocess import letterbox, normalize, window
 from training.evaluate import next_click
 from training.losses import mask_iou, multimask_loss, supervised_contrastive_loss
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
+from training.model.checkpoint import checkpoint_provenance
 from training.model.fluorosam import answers_with_single_mask
 from training.model.config import FluoroSAMConfig
 from training.vocabulary import Vocabulary
@@ -531,21 +532,6 @@ def manifest_sha256(roots: list[str]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- loop
-def checkpoint_provenance(checkpoint_dir: str | os.PathLike) -> dict:
-    """What a warm-started run came from: path, weights hash and that checkpoint's own training record (or,
-    for a weight average, which has none, its ``averaged_from``), so a model.json traces the whole chain."""
-    from engine.export import file_sha256
-    from training.model import read_meta
-    from training.model.checkpoint import WEIGHTS_FILE
-
-    meta = read_meta(checkpoint_dir)
-    record = {"path": str(checkpoint_dir), "checkpoint_sha256": file_sha256(Path(checkpoint_dir) / WEIGHTS_FILE),
-              "config": meta.get("config"), "training": meta.get("training")}
-    if "averaged_from" in meta:
-        record["averaged_from"] = meta["averaged_from"]
-    return record
-
-
 def warm_start(model: FluoroSAM, checkpoint_dir: str | os.PathLike) -> tuple[int, list[str]]:
     """Copy every tensor of another checkpoint whose name and shape match (e.g. a model of a changed
     config); returns (tensors loaded, names left at their initialization). The phrase table is not

@@ -68,6 +68,20 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "
     return model.to(device).eval(), meta
 
 
+def checkpoint_provenance(checkpoint_dir: str | os.PathLike) -> dict:
+    """One link of a model's chain (a warm start's source, a weight average's input): path, weights hash and
+    that checkpoint's own training record (or, for a weight average, which has none, its ``averaged_from``), so
+    a model.json traces the whole chain."""
+    from engine.export import file_sha256
+
+    meta = read_meta(checkpoint_dir)
+    record = {"path": str(checkpoint_dir), "checkpoint_sha256": file_sha256(Path(checkpoint_dir) / WEIGHTS_FILE),
+              "config": meta.get("config"), "training": meta.get("training")}
+    if "averaged_from" in meta:
+        record["averaged_from"] = meta["averaged_from"]
+    return record
+
+
 def model_from_state(meta: dict, state: dict[str, torch.Tensor]) -> FluoroSAM:
     """The model that ``meta`` (a ``model.json`` document: config, OOV thresholds) and ``state`` describe.
 
