@@ -596,10 +596,13 @@ def summary_for_model_json(metrics: dict) -> dict:
     """The headline numbers of an evaluation (per-class tables stay in metrics.json)."""
     keep = ("mean_iou", "mean_dice", f"largest{LARGEST_K}_mean_iou", "best_of_k_mean_iou",
             f"largest{LARGEST_K}_best_of_k_mean_iou")
-    out = {"points": {k: {**{key: v[key] for key in keep if key in v},
-                          **({"published": {key: value for key, value in v["published"].items()
-                                            if key != "per_class_rate"}} if "published" in v else {})}
-                      for k, v in metrics["points"].items()},
+    points = {}
+    for clicks, scores in metrics["points"].items():
+        points[clicks] = {key: scores[key] for key in keep if key in scores}
+        if "published" in scores:
+            points[clicks]["published"] = {key: value for key, value in scores["published"].items()
+                                           if key != "per_class_rate"}
+    out = {"points": points,
            "oov_refusal_rate": metrics["oov_refusal_rate"],
            "in_vocabulary_refusal_rate": metrics["in_vocabulary_refusal_rate"],
            "items": metrics.get("items"), "eval_set": metrics.get("eval_set")}
