@@ -8,6 +8,7 @@ from glob import glob
 from setuptools import find_packages, setup
 
 PACKAGE = "fluorosam_ros"
+DEFAULT_MODEL = "models/fluorosam-tiny"
 
 setup(
     name=PACKAGE,
@@ -18,7 +19,9 @@ setup(
         ("share/" + PACKAGE, ["package.xml"]),
         ("share/" + PACKAGE + "/launch", glob("launch/*.launch.py")),
         ("share/" + PACKAGE + "/config", glob("config/*.yaml")),
-        ("share/" + PACKAGE + "/models/fluorosam-tiny", glob("models/fluorosam-tiny/*")),
+        # The default model's weights and record only (not its eval/ reports): colcon copies files, not folders.
+        ("share/" + PACKAGE + "/models/fluorosam-tiny", [DEFAULT_MODEL + "/model.json",
+                                                        DEFAULT_MODEL + "/model.safetensors"]),
     ],
     install_requires=["setuptools"],
     package_data={"fluorosam_ros": ["demo_data/*.npz"]},
@@ -32,6 +35,7 @@ setup(
         "console_scripts": [
             "fluorosam = fluorosam_ros.cli:main",
             "fluorosam_node = fluorosam_ros.rclpy_node:main",
+            "fluorosam_managed_node = fluorosam_ros.rclpy_node:managed_main",
         ],
     },
 )

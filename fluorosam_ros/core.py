@@ -154,6 +154,29 @@ def _percentile(values, q: float) -> float:
     return float(np.percentile(np.fromiter(values, float), q)) if values else float("nan")
 
 
+class ThrottledLog:
+    """Logs at most one line per ``kind`` every ``period_s``, telling how many of that kind it held back."""
+
+    def __init__(self, logger: logging.Logger, period_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger, self._period_s, self._clock = logger, period_s, clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def error(self, kind: str, text: str, exc_info: bool = False) -> None:
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self._period_s:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            held = self._suppressed.pop(kind, 0)
+        self._logger.error("%s%s", text, f" ({held} more '{kind}' suppressed in the last "
+                                         f"{now - last:.1f} s)" if held else "", exc_info=exc_info)
+
+
 class NodeCore:
     """Latest-frame slot, one inference worker, prompt state, outputs and diagnostics (see module docstring)."""
 
@@ -173,13 +196,15 @@ class NodeCore:
         self._timer: threading.Thread | None = None
         self.counts = {"frames_received": 0, "frames_processed": 0, "frames_dropped": 0, "bad_frames": 0,
                        "bad_prompts": 0, "prompt_updates": 0, "processing_errors": 0,
-                       "malformed_messages": 0}
+                       "malformed_messages": 0, "frames_ignored_inactive": 0}
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._processed_times: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._last_frame_time: float | None = None
         self._started_at = clock()
         self.last_error = ""
         self._last_error_time: float | None = None
+        self._error_log = ThrottledLog(log, clock=clock)
+        self.state = "active"  # a managed (lifecycle) node sets "inactive" while it must not act
         if params.initial_prompt:
             self.set_prompts(params.initial_prompt)
 
@@ -207,6 +232,9 @@ class NodeCore:
         """Put ``msg`` in the latest-frame slot for the worker; a frame still waiting there is dropped."""
         now = self._clock()
         with self._lock:
+            if self.state != "active":
+                self.counts["frames_ignored_inactive"] += 1
+                return
             self.counts["frames_received"] += 1
             self._last_frame_time = now
             if self._slot is not None:
@@ -229,12 +257,12 @@ class NodeCore:
             labels = label_mask(result) if result.results else np.zeros(frame.shape[:2], np.uint8)
         except ValueError as error:  # ImageError, FrameError and bad prompts on this frame: the input's fault
             self.counts["bad_frames"] += 1
-            self.report_error(f"frame {msg.header.stamp_sec}.{msg.header.stamp_nanosec:09d} rejected: {error}")
+            self.report_error(f"frame {msg.header.stamp_sec}.{msg.header.stamp_nanosec:09d} rejected: {error}",
+                              kind="frame rejected")
             return None
         except Exception as error:  # noqa: BLE001  (the node must outlive any inference failure)
             self.counts["processing_errors"] += 1
-            log.exception("inference failed")
-            self.report_error(f"inference failed: {type(error).__name__}: {error}")
+            self.report_error(f"inference failed: {type(error).__name__}: {error}", exc_info=True)
             return None
         header = Header(msg.header.stamp_sec, msg.header.stamp_nanosec, msg.header.frame_id)
         overlay = None
@@ -265,19 +293,20 @@ class NodeCore:
                 self.process(msg, received_at)
             except Exception as error:  # noqa: BLE001  (e.g. a publish failing: the worker must live on)
                 self.counts["processing_errors"] += 1
-                log.exception("publishing outputs failed")
-                self.report_error(f"publishing outputs failed: {type(error).__name__}: {error}")
+                self.report_error(f"publishing outputs failed: {type(error).__name__}: {error}", exc_info=True)
             finally:
                 with self._lock:
                     self._busy = False
                     self._lock.notify_all()
 
     # ------------------------------------------------------------------------------ diagnostics
-    def report_error(self, text: str) -> None:
-        """Log ``text`` and publish diagnostics at once (WARN for ERROR_HOLD_S, ``last_error`` until replaced)."""
+    def report_error(self, text: str, kind: str = "", exc_info: bool = False) -> None:
+        """Record ``text`` as ``last_error`` and publish diagnostics at once (WARN for ERROR_HOLD_S); the log
+        line is throttled per ``kind`` (default: the text before its first ':'), so a flood of bad input logs a
+        line a second with the number suppressed instead of thousands."""
         self.last_error = text
         self._last_error_time = self._clock()
-        log.error(text)
+        self._error_log.error(kind or text.split(":", 1)[0], text, exc_info=exc_info)
         self._on_diagnostics(self.diagnostics())
 
     def diagnostics(self) -> Diagnostics:
@@ -290,15 +319,17 @@ class NodeCore:
             last_frame = self._last_frame_time
         fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
         since = now - (last_frame if last_frame is not None else self._started_at)
-        stale = since > self.params.stale_after_s
+        stale = self.state == "active" and since > self.params.stale_after_s
         values = {"fps": f"{fps:.2f}", "latency_p50_ms": f"{_percentile(latencies, 50):.1f}",
                   "latency_p99_ms": f"{_percentile(latencies, 99):.1f}",
                   "backend": str(getattr(self.segmenter, "backend_name", "unknown")),
                   "prompts": "; ".join(p.text for p in self.prompts), "stale": str(stale).lower(),
-                  "seconds_since_last_frame": f"{since:.2f}", "last_error": self.last_error}
+                  "seconds_since_last_frame": f"{since:.2f}", "last_error": self.last_error, "state": self.state}
         values.update({k: str(v) for k, v in counts.items()})
         values.update({k: str(v) for k, v in getattr(self.segmenter, "counters", {}).items()})
-        if stale:
+        if self.state != "active":
+            level, message = OK, f"{self.state}: not processing frames until activated"
+        elif stale:
             level = WARN
             message = f"stale input: no frame for {since:.1f} s (stale_after_s={self.params.stale_after_s})"
         elif self._last_error_time is not None and now - self._last_error_time <= ERROR_HOLD_S:

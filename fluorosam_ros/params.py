@@ -45,7 +45,7 @@ class NodeParams:
     zmq_output_endpoint: str = "tcp://127.0.0.1:5556"
     zmq_curve_secret_key_file: str = ""
     zmq_curve_authorized_keys_dir: str = ""
-    dds_domain_id: int = 0
+    dds_domain_id: int = -1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -66,8 +66,8 @@ class NodeParams:
             raise ValueError("stale_after_s and diagnostics_period_s must be > 0")
         if not 0.0 <= self.overlay_alpha <= 1.0:
             raise ValueError("overlay_alpha must be in [0, 1]")
-        if not 0 <= self.dds_domain_id <= 232:
-            raise ValueError("dds_domain_id must be in 0..232")
+        if not -1 <= self.dds_domain_id <= 232:
+            raise ValueError("dds_domain_id must be in 0..232, or -1 to follow ROS_DOMAIN_ID")
 
     # Optional values are stored ROS-style (no None in ROS parameters): negative or empty means "unset".
     @property

@@ -1,4 +1,4 @@
-"""ROS 2 message types without ROS: a rosbags typestore (Humble + vision_msgs) and conversions.
+"""ROS 2 message types without ROS: a rosbags typestore (Jazzy + vision_msgs) and conversions.
 
 Used by replay (rosbag2 CDR records) and as the reference the DDS transport's bytes are checked against.
 How the node's results map onto ``vision_msgs/Detection2DArray`` (one Detection2D per prompt, in
@@ -43,8 +43,8 @@ VISION_MSGS = {
 
 @functools.lru_cache(maxsize=1)
 def typestore():
-    """Humble's standard messages plus vision_msgs."""
-    store = get_typestore(Stores.ROS2_HUMBLE)
+    """Jazzy's standard messages plus vision_msgs."""
+    store = get_typestore(Stores.ROS2_JAZZY)
     types = {}
     for name, text in VISION_MSGS.items():
         types.update(get_types_from_msg(text, name))
@@ -113,6 +113,11 @@ def diagnostics_to_ros(diagnostics: Diagnostics, stamp_ns: int | None = None):
         hardware_id=diagnostics.hardware_id,
         values=[t["diagnostic_msgs/msg/KeyValue"](key=k, value=v) for k, v in diagnostics.values.items()])
     return _t(DIAGNOSTICS)(header=ros_header(Header.from_ns(stamp_ns)), status=[status])
+
+
+def type_hash(typename: str) -> str:
+    """REP-2016 type hash (``RIHS01_<sha256>``) that Jazzy's rmw layers put in each endpoint's USER_DATA."""
+    return typestore().hash_rihs01(typename)
 
 
 def serialize(message, typename: str) -> bytes:

@@ -1,14 +1,17 @@
-"""``ros2 launch fluorosam_ros fluorosam.launch.py [params_file:=...] [namespace:=...] [image:=...] ...``
+"""``ros2 launch fluorosam_ros fluorosam.launch.py [managed:=true] [params_file:=...] [namespace:=...] [image:=...]``
 
-Starts ``fluorosam_node`` with the ROS-format parameter file (default: the installed
-config/fluorosam.yaml) in an optional namespace, with the input and output topics remappable as
-launch arguments (defaults are the node's own names, i.e. no remapping).
+Starts the node with the ROS-format parameter file (default: the installed config/fluorosam.yaml) in an
+optional namespace, with the input and output topics remappable as launch arguments (defaults are the
+node's own names, i.e. no remapping). ``managed:=true`` starts the lifecycle node instead and brings it up
+to active (its ``autostart`` parameter; ``autostart:=false`` leaves it unconfigured for a lifecycle
+manager). Ctrl-C stops either cleanly (exit 0).
 """
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition, UnlessCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -24,6 +27,21 @@ REMAPPABLE = {
 }
 
 
+def _node(executable: str, condition, extra_parameters: list) -> Node:
+    return Node(
+        package="fluorosam_ros",
+        executable=executable,
+        name="fluorosam_node",
+        namespace=LaunchConfiguration("namespace"),
+        parameters=[LaunchConfiguration("params_file")] + extra_parameters,
+        remappings=[(topic, LaunchConfiguration(name)) for name, topic in REMAPPABLE.items()],
+        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
+        output="screen",
+        emulate_tty=True,
+        condition=condition,
+    )
+
+
 def generate_launch_description() -> LaunchDescription:
     default_params = os.path.join(get_package_share_directory("fluorosam_ros"), "config", "fluorosam.yaml")
     arguments = [
@@ -31,18 +49,15 @@ def generate_launch_description() -> LaunchDescription:
                               description="ROS-format parameter YAML for fluorosam_node"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the node"),
         DeclareLaunchArgument("log_level", default_value="info"),
+        DeclareLaunchArgument("managed", default_value="false",
+                              description="true: the lifecycle node (fluorosam_managed_node)"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="managed only: configure and activate at start"),
     ]
     arguments += [DeclareLaunchArgument(name, default_value=topic, description=f"remap {topic}")
                   for name, topic in REMAPPABLE.items()]
-    node = Node(
-        package="fluorosam_ros",
-        executable="fluorosam_node",
-        name="fluorosam_node",
-        namespace=LaunchConfiguration("namespace"),
-        parameters=[LaunchConfiguration("params_file")],
-        remappings=[(topic, LaunchConfiguration(name)) for name, topic in REMAPPABLE.items()],
-        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
-        output="screen",
-        emulate_tty=True,
-    )
-    return LaunchDescription(arguments + [node])
+    managed = LaunchConfiguration("managed")
+    plain = _node("fluorosam_node", UnlessCondition(managed), [])
+    lifecycle = _node("fluorosam_managed_node", IfCondition(managed),
+                      [{"autostart": LaunchConfiguration("autostart")}])
+    return LaunchDescription(arguments + [plain, lifecycle])

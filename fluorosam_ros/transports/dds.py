@@ -8,10 +8,14 @@ below mirror the ROS 2 message definitions field for field; a test checks their 
 serializer. QoS as in the rclpy node: images best effort (sensor data) depth 1, prompts reliable +
 transient local, outputs reliable depth ``output_qos_depth``.
 
+Endpoints carry the REP-2016 type hash in USER_DATA (``typehash=RIHS01_...;``), as Jazzy's rmw layers do, so
+ROS 2 tools see the node's types and rmw_cyclonedds peers parse them. Discovery follows ROS 2's own settings
+(``ROS_DOMAIN_ID``, ``ROS_AUTOMATIC_DISCOVERY_RANGE``, ``ROS_STATIC_PEERS``; see :func:`ros_discovery_config`).
+
 Large frames: a 1024x1024 mono16 frame is 2 MiB, i.e. ~1500 UDP fragments at Cyclone's defaults. Lost
 fragments are only repaired after a heartbeat/NACK round (hundreds of ms), so :func:`cyclone_config`
 raises the fragment size to 60 kB UDP datagrams and the socket buffers to 8-32 MiB. Set CYCLONEDDS_URI
-yourself to override; :func:`loopback_config` is the test configuration (loopback only, no multicast).
+yourself to override; :func:`loopback_config` is the LOCALHOST configuration (loopback only, no multicast).
 """
 
 import logging
@@ -269,64 +273,120 @@ LARGE_FRAME_SETTINGS = ("<Internal><SocketReceiveBufferSize min=\"default\" max=
                         "<Watermarks><WhcHigh>32MB</WhcHigh></Watermarks></Internal>")
 
 
-def cyclone_config(domain_id: int, interface: str | None = None, multicast: bool = True) -> str:
-    """CYCLONEDDS_URI XML with large-frame settings; ``interface`` pins the network (e.g. 'lo')."""
+def cyclone_config(domain_id: int, interface: str | None = None, multicast: bool = True,
+                   peers: tuple[str, ...] = ()) -> str:
+    """CYCLONEDDS_URI XML with large-frame settings; ``interface`` pins the network (e.g. 'lo'); without
+    multicast, participants are found only at ``peers`` (unicast discovery)."""
     net = f'<Interfaces><NetworkInterface name="{interface}"/></Interfaces>' if interface else ""
     general = (f"<General>{net}{'' if multicast else '<AllowMulticast>false</AllowMulticast>'}"
                "<MaxMessageSize>65500B</MaxMessageSize><FragmentSize>60000B</FragmentSize></General>")
-    discovery = "" if multicast else ("<Discovery><ParticipantIndex>auto</ParticipantIndex>"
-                                      "<MaxAutoParticipantIndex>30</MaxAutoParticipantIndex>"
-                                      "<Peers><Peer address=\"127.0.0.1\"/></Peers></Discovery>")
+    peer_xml = "".join(f'<Peer address="{peer}"/>' for peer in peers)
+    discovery = "" if multicast and not peers else (
+        "<Discovery><ParticipantIndex>auto</ParticipantIndex><MaxAutoParticipantIndex>30</MaxAutoParticipantIndex>"
+        f"<Peers>{peer_xml}</Peers></Discovery>")
     return f'<CycloneDDS><Domain id="{domain_id}">{general}{discovery}{LARGE_FRAME_SETTINGS}</Domain></CycloneDDS>'
 
 
 def loopback_config(domain_id: int) -> str:
-    """Loopback only, no multicast: what the tests use so they never touch the real network."""
-    return cyclone_config(domain_id, interface="lo", multicast=False)
+    """Loopback only, no multicast (ROS 2's LOCALHOST range): tests use it so they never touch the network."""
+    return cyclone_config(domain_id, interface="lo", multicast=False, peers=("127.0.0.1",))
+
+
+DISCOVERY_RANGES = ("SUBNET", "LOCALHOST", "OFF", "SYSTEM_DEFAULT")
+
+
+def ros_discovery_config(domain_id: int, environ=os.environ) -> str:
+    """The configuration ROS 2's rmw layers derive from ``ROS_AUTOMATIC_DISCOVERY_RANGE`` and
+    ``ROS_STATIC_PEERS`` (';'-separated): LOCALHOST stays on loopback without multicast, SUBNET (the
+    default) multicasts on the network, OFF finds only the static peers, SYSTEM_DEFAULT leaves discovery to
+    Cyclone's defaults. Static peers are added to any range but SYSTEM_DEFAULT."""
+    discovery_range = (environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") or "SUBNET").strip().upper()
+    if discovery_range not in DISCOVERY_RANGES:
+        raise ValueError(f"ROS_AUTOMATIC_DISCOVERY_RANGE={discovery_range!r}; expected one of {DISCOVERY_RANGES}")
+    static = tuple(peer.strip() for peer in environ.get("ROS_STATIC_PEERS", "").split(";") if peer.strip())
+    if discovery_range == "LOCALHOST":
+        return cyclone_config(domain_id, interface="lo", multicast=False, peers=("127.0.0.1",) + static)
+    if discovery_range == "OFF":
+        return cyclone_config(domain_id, multicast=False, peers=static)
+    if discovery_range == "SYSTEM_DEFAULT":
+        return cyclone_config(domain_id)
+    return cyclone_config(domain_id, peers=static) if static else cyclone_config(domain_id)
+
+
+def resolve_domain_id(configured: int, environ=os.environ) -> int:
+    """``dds_domain_id`` >= 0 wins; -1 (the default) follows ``ROS_DOMAIN_ID`` as ROS 2 nodes do (else 0)."""
+    if configured >= 0:
+        return configured
+    text = environ.get("ROS_DOMAIN_ID", "").strip()
+    if not text:
+        return 0
+    if not text.isdigit() or not 0 <= int(text) <= 232:
+        raise ValueError(f"ROS_DOMAIN_ID={text!r} is not a domain id in 0..232")
+    return int(text)
 
 
 def ensure_config(domain_id: int) -> None:
-    """Set CYCLONEDDS_URI to :func:`cyclone_config` unless the user set one (read at participant creation)."""
-    os.environ.setdefault("CYCLONEDDS_URI", cyclone_config(domain_id))
+    """Set CYCLONEDDS_URI from ROS 2's discovery settings unless the user set one (read at participant
+    creation)."""
+    os.environ.setdefault("CYCLONEDDS_URI", ros_discovery_config(domain_id))
 
 
 # ---------------------------------------------------------------------------------------------- endpoints
-def _qos(reliable: bool, depth: int, transient_local: bool = False):
+ROS_TYPE_NAMES = {"Image_": "sensor_msgs/msg/Image", "String_": "std_msgs/msg/String",
+                  "Detection2DArray_": "vision_msgs/msg/Detection2DArray",
+                  "DiagnosticArray_": "diagnostic_msgs/msg/DiagnosticArray"}
+
+
+def type_hash_user_data(struct: type) -> bytes:
+    """USER_DATA of an endpoint of ``struct``'s topic, as rmw_dds_common encodes it for Jazzy."""
+    from fluorosam_ros.ros_types import type_hash
+
+    return f"typehash={type_hash(ROS_TYPE_NAMES[struct.__name__])};".encode()
+
+
+def _qos(struct: type, reliable: bool, depth: int, transient_local: bool = False):
     from cyclonedds.core import Policy, Qos
     from cyclonedds.util import duration
 
     policies = [Policy.Reliability.Reliable(duration(seconds=1)) if reliable else Policy.Reliability.BestEffort,
                 Policy.History.KeepLast(depth),
                 Policy.Durability.TransientLocal if transient_local else Policy.Durability.Volatile,
-                Policy.DataRepresentation(use_cdrv0_representation=True)]  # plain CDR, as ROS 2 speaks
+                Policy.DataRepresentation(use_cdrv0_representation=True),  # plain CDR, as ROS 2 speaks
+                Policy.Userdata(type_hash_user_data(struct))]
     return Qos(*policies)
+
+
+def _endpoint(kind, participant, topic: str, struct: type, reliable: bool, depth: int,
+              transient_local: bool = False):
+    """A DataReader / DataWriter on ROS 2 topic ``topic`` with ROS 2's QoS conventions and type hash."""
+    from cyclonedds.topic import Topic
+
+    return kind(participant, Topic(participant, ros_topic(topic), struct),
+                qos=_qos(struct, reliable, depth, transient_local))
 
 
 class DdsTransport:
     """Subscribes the image and prompt topics, publishes mask, detections, results, overlay and diagnostics."""
 
     def __init__(self, params: NodeParams) -> None:
-        ensure_config(params.dds_domain_id)
+        domain_id = resolve_domain_id(params.dds_domain_id)
+        ensure_config(domain_id)
         from cyclonedds.domain import DomainParticipant
         from cyclonedds.pub import DataWriter
         from cyclonedds.sub import DataReader
-        from cyclonedds.topic import Topic
 
         self.params = params
-        self.participant = DomainParticipant(params.dds_domain_id)
-        dp = self.participant
-        out_qos = _qos(True, params.output_qos_depth)
-        image_qos = _qos(params.image_qos_reliability == "reliable", params.image_qos_depth)
-        prompt_qos = _qos(True, params.prompt_qos_depth, transient_local=True)
-        self.image_reader = DataReader(dp, Topic(dp, ros_topic(params.image_topic), Image_), qos=image_qos)
-        self.prompt_reader = DataReader(dp, Topic(dp, ros_topic(params.prompt_topic), String_), qos=prompt_qos)
-        self.mask_writer = DataWriter(dp, Topic(dp, ros_topic(params.mask_topic), Image_), qos=out_qos)
-        self.overlay_writer = DataWriter(dp, Topic(dp, ros_topic(params.overlay_topic), Image_), qos=out_qos)
-        self.detections_writer = DataWriter(dp, Topic(dp, ros_topic(params.detections_topic), Detection2DArray_),
-                                            qos=out_qos)
-        self.results_writer = DataWriter(dp, Topic(dp, ros_topic(params.results_topic), String_), qos=out_qos)
-        self.diagnostics_writer = DataWriter(dp, Topic(dp, ros_topic(params.diagnostics_topic), DiagnosticArray_),
-                                             qos=out_qos)
+        self.participant = dp = DomainParticipant(domain_id)
+        out, depth = params.output_qos_depth, params.image_qos_depth
+        self.image_reader = _endpoint(DataReader, dp, params.image_topic, Image_,
+                                      params.image_qos_reliability == "reliable", depth)
+        self.prompt_reader = _endpoint(DataReader, dp, params.prompt_topic, String_, True, params.prompt_qos_depth,
+                                       transient_local=True)
+        self.mask_writer = _endpoint(DataWriter, dp, params.mask_topic, Image_, True, out)
+        self.overlay_writer = _endpoint(DataWriter, dp, params.overlay_topic, Image_, True, out)
+        self.detections_writer = _endpoint(DataWriter, dp, params.detections_topic, Detection2DArray_, True, out)
+        self.results_writer = _endpoint(DataWriter, dp, params.results_topic, String_, True, out)
+        self.diagnostics_writer = _endpoint(DataWriter, dp, params.diagnostics_topic, DiagnosticArray_, True, out)
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -346,7 +406,8 @@ class DdsTransport:
 
     def spin(self, core: NodeCore) -> None:
         """Wait on both readers until :meth:`shutdown`; prompts are applied before frames of the same wake-up."""
-        from cyclonedds.core import ReadCondition, SampleState, ViewState, InstanceState, WaitSet
+        from cyclonedds.core import InstanceState, ReadCondition, SampleState, ViewState, WaitSet
+        from cyclonedds.internal import InvalidSample
         from cyclonedds.util import duration
 
         waitset = WaitSet(self.participant)
@@ -357,9 +418,11 @@ class DdsTransport:
             waitset.wait(duration(milliseconds=100))
             try:
                 for sample in self.prompt_reader.take(N=16):
-                    core.set_prompts(sample.data)
+                    if not isinstance(sample, InvalidSample):  # a writer left (dispose/unregister): no data
+                        core.set_prompts(sample.data)
                 for sample in self.image_reader.take(N=16):
-                    core.submit_frame(image_from_dds(sample))
+                    if not isinstance(sample, InvalidSample):
+                        core.submit_frame(image_from_dds(sample))
             except Exception as error:  # noqa: BLE001  (an undecodable sample must not stop the node)
                 core.counts["malformed_messages"] += 1
                 core.report_error(f"malformed DDS sample: {type(error).__name__}: {error}")
@@ -375,26 +438,24 @@ class DdsClient:
     """The other end (tests, demo): publishes frames and prompts, reads the node's outputs."""
 
     def __init__(self, params: NodeParams) -> None:
-        ensure_config(params.dds_domain_id)
+        domain_id = resolve_domain_id(params.dds_domain_id)
+        ensure_config(domain_id)
         from cyclonedds.domain import DomainParticipant
         from cyclonedds.pub import DataWriter
         from cyclonedds.sub import DataReader
-        from cyclonedds.topic import Topic
 
         self.params = params
-        dp = self.participant = DomainParticipant(params.dds_domain_id)
-        in_qos = _qos(True, params.output_qos_depth)
-        image_qos = _qos(params.image_qos_reliability == "reliable", params.image_qos_depth)
-        self.image_writer = DataWriter(dp, Topic(dp, ros_topic(params.image_topic), Image_), qos=image_qos)
-        self.prompt_writer = DataWriter(dp, Topic(dp, ros_topic(params.prompt_topic), String_),
-                                        qos=_qos(True, params.prompt_qos_depth, transient_local=True))
-        self.mask_reader = DataReader(dp, Topic(dp, ros_topic(params.mask_topic), Image_), qos=in_qos)
-        self.overlay_reader = DataReader(dp, Topic(dp, ros_topic(params.overlay_topic), Image_), qos=in_qos)
-        self.results_reader = DataReader(dp, Topic(dp, ros_topic(params.results_topic), String_), qos=in_qos)
-        self.detections_reader = DataReader(dp, Topic(dp, ros_topic(params.detections_topic), Detection2DArray_),
-                                            qos=in_qos)
-        self.diagnostics_reader = DataReader(dp, Topic(dp, ros_topic(params.diagnostics_topic), DiagnosticArray_),
-                                             qos=in_qos)
+        dp = self.participant = DomainParticipant(domain_id)
+        out = params.output_qos_depth
+        self.image_writer = _endpoint(DataWriter, dp, params.image_topic, Image_,
+                                      params.image_qos_reliability == "reliable", params.image_qos_depth)
+        self.prompt_writer = _endpoint(DataWriter, dp, params.prompt_topic, String_, True, params.prompt_qos_depth,
+                                       transient_local=True)
+        self.mask_reader = _endpoint(DataReader, dp, params.mask_topic, Image_, True, out)
+        self.overlay_reader = _endpoint(DataReader, dp, params.overlay_topic, Image_, True, out)
+        self.results_reader = _endpoint(DataReader, dp, params.results_topic, String_, True, out)
+        self.detections_reader = _endpoint(DataReader, dp, params.detections_topic, Detection2DArray_, True, out)
+        self.diagnostics_reader = _endpoint(DataReader, dp, params.diagnostics_topic, DiagnosticArray_, True, out)
 
     def send_frame(self, msg: ImageMsg) -> None:
         self.image_writer.write(image_to_dds(msg))

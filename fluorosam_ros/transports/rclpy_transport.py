@@ -5,7 +5,7 @@ else is the shared node core. Images are converted without cv_bridge (its 16-bit
 row-padding handling is what :func:`fluorosam_ros.messages.image_to_numpy` validates instead).
 QoS: images sensor-data style (best effort by default, depth ``image_qos_depth``), prompts reliable +
 transient local (a late-starting node still gets the last prompt), outputs reliable.
-Not exercised where ROS 2 is not installed (the test skips with that reason).
+Tested under real rclpy (ROS 2 Jazzy from PyPI) in CI: test/test_node_rclpy.py.
 """
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ class RclpyTransport:
         out_qos = QoSProfile(depth=params.output_qos_depth, history=HistoryPolicy.KEEP_LAST,
                              reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
         self._qos = (image_qos, prompt_qos)
+        self.subscriptions: list = []
         self.mask_pub = node.create_publisher(Image, params.mask_topic, out_qos)
         self.overlay_pub = node.create_publisher(Image, params.overlay_topic, out_qos)
         self.detections_pub = node.create_publisher(Detection2DArray, params.detections_topic, out_qos)
@@ -79,10 +80,20 @@ class RclpyTransport:
 
     def attach(self, core: NodeCore) -> None:
         image_qos, prompt_qos = self._qos
-        self.node.create_subscription(Image, self.params.image_topic,
-                                      lambda msg: core.submit_frame(image_from_ros(msg)), image_qos)
-        self.node.create_subscription(String, self.params.prompt_topic, lambda msg: core.set_prompts(msg.data),
-                                      prompt_qos)
+        self.subscriptions = [
+            self.node.create_subscription(Image, self.params.image_topic,
+                                          lambda msg: core.submit_frame(image_from_ros(msg)), image_qos),
+            self.node.create_subscription(String, self.params.prompt_topic,
+                                          lambda msg: core.set_prompts(msg.data), prompt_qos)]
+
+    def destroy(self) -> None:
+        """Remove this transport's endpoints from the node (a managed node's cleanup)."""
+        for subscription in self.subscriptions:
+            self.node.destroy_subscription(subscription)
+        for publisher in (self.mask_pub, self.overlay_pub, self.detections_pub, self.results_pub,
+                          self.diagnostics_pub):
+            self.node.destroy_publisher(publisher)
+        self.subscriptions = []
 
     def publish_output(self, output: FrameOutput) -> None:
         mask = image_to_ros(output.mask)
