@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         pipeline.core.start()
         node.get_logger().info(f"fluorosam node ready: backend={pipeline.segmenter.backend_name} "
-                               f"image={params.image_topic} prompt={params.prompt_topic}")
+                               f"model={pipeline.segmenter.model_dir} image={params.image_topic} "
+                               f"prompt={params.prompt_topic}")
         executor = SingleThreadedExecutor()
         executor.add_node(node)
         _spin_until(executor, stop)
