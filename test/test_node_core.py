@@ -1,4 +1,5 @@
 """Node core: messages, parameters, prompt syntax, latest-frame slot, outputs and diagnostics (in-process)."""
+import logging
 import threading
 import time
 
@@ -288,3 +289,21 @@ def test_worker_survives_a_failing_publisher():
     finally:
         core.stop()
     assert calls == [1, 2] and "socket closed" in core.last_error and core.counts["processing_errors"] == 1
+
+
+def test_error_log_is_throttled_per_kind_with_the_number_held_back(caplog):
+    """3,000 bad prompts in 'one second' log one line; the next second's first line tells how many were held."""
+    now = [0.0]
+    sent = []
+    core = NodeCore(SquareSegmenter(), NodeParams(), lambda out: None, sent.append, clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="fluorosam_node"):
+        for i in range(3000):
+            core.set_prompts(f"heart @ {i},2")
+            now[0] += 0.9 / 3000
+        now[0] = 1.5
+        core.set_prompts("heart @ 1,2")
+        core.report_error("malformed zmq message: short", kind="")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "2999 more 'prompt rejected' suppressed" in lines[1] and lines[2].startswith("malformed zmq")
+    assert core.counts["bad_prompts"] == 3001 and len(sent) == 3002  # every one still reaches diagnostics
