@@ -310,16 +310,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for the ONNX graphs and text table")
     parser.add_argument("--no-text-table", action="store_true",
                         help="skip the vocabulary token table (the runtime then encodes text with torch)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                        help="fp16: FP16 compute with normalization/softmax/reductions and I/O in FP32 "
+                             "(engine/fp16.py), the graphs both TensorRTs build")
 
 
 def main(args: argparse.Namespace) -> int:
     from fluorosam_ros.paths import default_model_dir
 
     model_dir = Path(args.model) if args.model else default_model_dir()
-    out = export_model(model_dir, args.out, with_text_table=not args.no_text_table)
+    if args.precision == "fp16":
+        import tempfile
+
+        from engine.fp16 import convert_export
+
+        with tempfile.TemporaryDirectory() as fp32_dir:
+            export_model(model_dir, fp32_dir, with_text_table=not args.no_text_table)
+            out = convert_export(fp32_dir, args.out)
+    else:
+        out = export_model(model_dir, args.out, with_text_table=not args.no_text_table)
     meta = read_export_meta(out)
     for name, digest in meta["sha256"].items():
         print(f"{out / name}  {os.path.getsize(out / name) / 1e6:.1f} MB  sha256 {digest[:16]}")
-    print(f"opset {meta['opset']}, input {meta['image_size']} px, embedding {meta['embed_hw']}x{meta['embed_hw']}, "
+    print(f"{meta.get('precision', 'fp32')}, opset {meta['opset']}, input {meta['image_size']} px, embedding {meta['embed_hw']}x{meta['embed_hw']}, "
           f"masks {meta['mask_hw']}x{meta['mask_hw']}, {meta['export_seconds']} s")
     return 0

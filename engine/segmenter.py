@@ -206,12 +206,12 @@ class Segmenter:
         return [self.model_dir / "tensorrt", cache_root() / "tensorrt"]
 
     def _tensorrt_engines(self, engine_dir) -> Path | None:
-        from engine.backends.tensorrt_backend import engine_paths, tensorrt_available
+        from engine.backends.tensorrt_backend import find_engines, tensorrt_available
 
         if self.onnx_dir is None or not tensorrt_available()[0]:
             return None
         for folder in self._engine_dirs(engine_dir):
-            if all(p.exists() for p in engine_paths(self.onnx_dir, folder).values()):
+            if find_engines(self.onnx_dir, folder) is not None:
                 return folder
         return None
 
@@ -236,9 +236,9 @@ class Segmenter:
                 raise RuntimeError(f"backend 'tensorrt' unavailable: {reason}")
             onnx_dir = self._ensure_onnx()
             folder = self._tensorrt_engines(engine_dir)
-            if folder is None:
+            if folder is None:  # built from this export as it is (`fluorosam export --precision fp16` for FP16)
                 folder = self._engine_dirs(engine_dir)[-1]
-                build_engines(onnx_dir, folder, fp16=True)
+                build_engines(onnx_dir, folder)
             return TensorRTBackend(onnx_dir, folder)
         if backend == "onnxruntime":
             from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
