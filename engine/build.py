@@ -33,11 +33,11 @@ def main(args: argparse.Namespace) -> int:
     onnx_dir = Path(args.onnx)
     try:
         meta = read_export_meta(onnx_dir)
-        if args.fp16 and meta.get("precision", "fp32") == "fp32":
-            from engine.fp16 import convert_export
+        if args.fp16:
+            from engine.fp16 import fp16_export_for
 
-            onnx_dir = convert_export(onnx_dir, Path(args.out) / "onnx-fp16")
-            print(f"converted to FP16: {onnx_dir}")
+            onnx_dir = fp16_export_for(onnx_dir, args.out)
+            print(f"FP16 export: {onnx_dir}")
         elif not args.fp16 and meta.get("precision") == "fp16":
             print(f"fluorosam build-engine: {onnx_dir} is an FP16 export; pass --fp16", file=sys.stderr)
             return 2

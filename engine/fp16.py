@@ -61,3 +61,22 @@ def convert_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
             "sha256": {**meta["sha256"], **{name: file_sha256(out / name) for name in conversions}}}
     (out / EXPORT_META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out
+
+
+def fp16_export_for(onnx_dir: str | os.PathLike, engine_dir: str | os.PathLike) -> Path:
+    """The FP16 export that FP16 plans of ``onnx_dir`` are built from: the folder itself when it is FP16,
+    else its conversion in ``engine_dir/onnx-fp16`` (made, or made again when the FP32 export changed)."""
+    import json
+
+    from engine.export import EXPORT_META_FILE, read_export_meta
+
+    meta = read_export_meta(onnx_dir)
+    if meta.get("precision", "fp32") == "fp16":
+        return Path(onnx_dir)
+    converted = Path(engine_dir) / "onnx-fp16"
+    meta_path = converted / EXPORT_META_FILE
+    if meta_path.exists():
+        fp16_from = json.loads(meta_path.read_text()).get("fp16_from", {})
+        if all(meta["sha256"][name] == digest for name, digest in fp16_from.items()) and fp16_from:
+            return converted
+    return convert_export(onnx_dir, converted)

@@ -211,7 +211,8 @@ class Segmenter:
         if self.onnx_dir is None or not tensorrt_available()[0]:
             return None
         for folder in self._engine_dirs(engine_dir):
-            if find_engines(self.onnx_dir, folder) is not None:
+            fp16 = folder / "onnx-fp16"  # FP16 plans of an FP32 export are keyed to its conversion
+            if any(find_engines(d, folder) is not None for d in (self.onnx_dir, fp16) if (d / "export.json").exists()):
                 return folder
         return None
 
@@ -229,15 +230,17 @@ class Segmenter:
                     log.warning("ONNX export failed (%s); using the torch backend", error)
                     backend = "torch"
         if backend == "tensorrt":
-            from engine.backends.tensorrt_backend import TensorRTBackend, build_engines, tensorrt_available
+            from engine.backends.tensorrt_backend import (TensorRTBackend, build_engines, find_engines,
+                                                          tensorrt_available)
+            from engine.fp16 import fp16_export_for
 
             ok, reason = tensorrt_available()
             if not ok:
                 raise RuntimeError(f"backend 'tensorrt' unavailable: {reason}")
             onnx_dir = self._ensure_onnx()
-            folder = self._tensorrt_engines(engine_dir)
-            if folder is None:  # built from this export as it is (`fluorosam export --precision fp16` for FP16)
-                folder = self._engine_dirs(engine_dir)[-1]
+            folder = self._tensorrt_engines(engine_dir) or self._engine_dirs(engine_dir)[-1]
+            if find_engines(onnx_dir, folder) is None:  # FP16 plans, as `fluorosam build-engine --fp16` makes
+                onnx_dir = fp16_export_for(onnx_dir, folder)
                 build_engines(onnx_dir, folder)
             return TensorRTBackend(onnx_dir, folder)
         if backend == "onnxruntime":
