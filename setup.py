@@ -1,4 +1,4 @@
-"""ament_python package ``fluorosam_ros``; also installs ``engine`` and ``training``.
+"""ament_python package ``fluorosam_ros``; also installs ``engine``, ``training`` and ``fluorosam_common`` (the shared bottom layer).
 
 Under ROS 2 (colcon) the console scripts land in ``lib/fluorosam_ros`` so that
 ``ros2 run fluorosam_ros fluorosam_node`` finds them; with plain pip they land on PATH.
@@ -13,7 +13,7 @@ DEFAULT_MODEL = "models/fluorosam-tiny"
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=find_packages(include=["fluorosam_ros*", "engine*", "training*"]),
+    packages=find_packages(include=["fluorosam_common*", "fluorosam_ros*", "engine*", "training*"]),
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + PACKAGE]),
         ("share/" + PACKAGE, ["package.xml"]),

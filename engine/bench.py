@@ -176,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from engine.segmenter import Segmenter
-    from fluorosam_ros.paths import default_model_dir
+    from fluorosam_common.paths import default_model_dir
     from training.model import read_meta
 
     with tempfile.TemporaryDirectory(prefix="fluorosam-bench-") as scratch:
@@ -191,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
         segmenter = Segmenter(model_dir, backend=args.backend, device=args.device, threads=args.threads)
         frames = synthetic_frames(max(args.iterations + 4, 8), tuple(args.frame_size))
         result = measure(segmenter, frames, args.iterations, progress)
-        result.update({"model_note": note, "image_size": segmenter.config.image_size,
+        result.update({"model_note": note, "image_size": segmenter.image_size,
                        "frame_size": list(args.frame_size), "iterations": args.iterations,
                        "threads": args.threads, "cpu_count": os.cpu_count()})
         if not args.no_cpu_comparison and segmenter.backend_name in ("onnxruntime", "torch"):

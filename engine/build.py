@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.export import read_export_meta
+    from engine.export_format import read_export_meta
 
     onnx_dir = Path(args.onnx)
     try:

@@ -1,6 +1,6 @@
-"""ONNX export: ``fluorosam export --model DIR --out DIR``.
+"""ONNX export: ``fluorosam export --model DIR --out DIR`` (the folder's format: engine/export_format.py).
 
-Two graphs, as segment-anything's ONNX export does it: export-only wrapper modules with no
+Two image-side graphs, as segment-anything's ONNX export does it: export-only wrapper modules with no
 data-dependent control flow and fixed shapes except the prompt count K (and the point count P):
 
 * ``image_encoder.onnx``: image (1, 1, S, S) normalized -> image_embedding (1, 256, h, w) and, for
@@ -15,9 +15,12 @@ data-dependent control flow and fixed shapes except the prompt count K (and the 
 
 SAM appends one padding point whenever points are given; the graph does not (that would be control
 flow), so callers pass P = 0 for text-only prompts and append the padding point themselves
-(:func:`pack_points`). Also written: ``text_tokens.safetensors`` (every training phrase of the
-vocabulary -> code, distances, OOV flag, plus the codebook, so a runtime needs no sentence encoder for them) and
-``export.json`` (sizes, opset, sha256 of every file and of the checkpoint it came from).
+(``engine.export_format.pack_points``). The text side is exported too, so that a runtime needs no torch:
+``text_encoder.onnx`` (input_ids, attention_mask (N, L) int64 -> text_tokens (N, 256), code, code_distance,
+vocab_similarity, oov: the sentence encoder, projection, VQ and OOV rule in one graph) with the sentence
+encoder's ``text_tokenizer.json``, and ``text_tokens.safetensors`` (every training phrase of the vocabulary
+-> code, distances, OOV flag, plus the codebook: no text graph run for them). ``export.json`` holds sizes,
+opset, the node's ``min_score``, sha256 of every file and of the checkpoint it came from.
 
 The same wrapper modules are the ``torch`` backend's graph, so every backend runs one definition.
 """
@@ -25,34 +28,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ENCODER_FILE = "image_encoder.onnx"
-DECODER_FILE = "prompt_decoder.onnx"
-TEXT_TABLE_FILE = "text_tokens.safetensors"
-EXPORT_META_FILE = "export.json"
-OPSET = 17  # LayerNormalization is a single op from 17 on, which TensorRT 10 maps to its normalization layer
-EXPORT_FORMAT_VERSION = 2  # 2: the encoder's outputs (embedding + high-res features) are listed in export.json
-ENCODER_INPUTS = ["image"]
-EMBEDDING_NAMES = ["image_embedding", "high_res_2x", "high_res_4x"]  # high-res: relative to the embedding grid
-PROMPT_INPUTS = ["text_tokens", "point_coords", "point_labels", "mask_input", "has_mask_input"]
-DECODER_OUTPUTS = ["masks", "scores", "iou_predictions"]
-
-
-def embedding_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor the encoder hands the decoder, in graph order."""
-    return {name: (1, channels, side, side)
-            for name, (channels, side) in zip(EMBEDDING_NAMES, config.encoder_output_shapes)}
+from engine.export_format import (DECODER_FILE, DECODER_OUTPUTS, ENCODER_FILE, ENCODER_INPUTS, EXPORT_FORMAT_VERSION,
+                                  EXPORT_META_FILE, OPSET, TEXT_ENCODER_FILE, TEXT_INPUTS, TEXT_OUTPUTS,
+                                  TEXT_TABLE_FILE, TOKENIZER_FILE, decoder_input_names, embedding_shapes,
+                                  read_export_meta)
+from fluorosam_common.hashing import file_sha256
 
 
 class ChannelLayerNorm(nn.Module):
@@ -144,29 +134,41 @@ class PromptDecoderExport(nn.Module):
         return chosen, scores, iou_predictions[:, 1:]  # the multimask output's predicted IoUs
 
 
-def pack_points(point_lists: list[list[tuple[float, float, int]]], to_input) -> tuple[np.ndarray, np.ndarray]:
-    """Per-prompt frame-pixel points -> (K, P, 2) model-input coords and (K, P) float labels.
+class TextEncoderExport(nn.Module):
+    """Token ids of N normalized prompts -> the quantized prompt tokens and OOV scores of
+    :meth:`FluoroSAM.encode_text_embeddings`, from MiniLM with sentence-transformers' mean pooling."""
 
-    P = 0 when no prompt has points (text only, as SAM). Otherwise each row is padded with label -1
-    to the longest list plus SAM's one padding point, matching ``FluoroSAM.decode``.
-    """
-    k = len(point_lists)
-    longest = max((len(p) for p in point_lists), default=0)
-    if longest == 0:
-        return np.zeros((k, 0, 2), np.float32), np.zeros((k, 0), np.float32)
-    coords = np.zeros((k, longest + 1, 2), np.float32)
-    labels = -np.ones((k, longest + 1), np.float32)
-    for row, points in enumerate(point_lists):
-        for col, (x, y, label) in enumerate(points):
-            if label not in (0, 1):
-                raise ValueError(f"point label must be 1 (positive) or 0 (negative), got {label!r}")
-            coords[row, col] = to_input(np.array([x, y], np.float32))
-            labels[row, col] = label
-    return coords, labels
+    def __init__(self, model, transformer: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.transformer = transformer
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+        encoding = self.model.encode_text_embeddings(F.normalize(pooled, dim=-1))
+        return (encoding.tokens, encoding.code, encoding.code_distance, encoding.vocab_similarity, encoding.oov)
 
 
-def decoder_input_names(config) -> list[str]:
-    return [*embedding_shapes(config), *PROMPT_INPUTS]
+def export_text_encoder(model, out: Path) -> dict | None:
+    """Write the text graph and its tokenizer to ``out``; returns their record for export.json (None
+    for a CLIP text encoder, whose runtime then needs torch for prompts outside the token table)."""
+    import shutil
+
+    from engine.text_encoder import load_tokenizer, tokenize
+
+    encoder = model.sentence_encoder
+    if encoder.transformer is None:
+        return None
+    tokenizer = load_tokenizer(encoder.tokenizer_file, encoder.max_length, encoder.pad_id)
+    ids, mask = (torch.from_numpy(a) for a in tokenize(tokenizer, ["left lung", "tip of the guidewire"]))
+    _export_graph(TextEncoderExport(model, encoder.transformer), (ids, mask), out / TEXT_ENCODER_FILE,
+                  TEXT_INPUTS, TEXT_OUTPUTS, {**{name: {0: "prompts", 1: "length"} for name in TEXT_INPUTS},
+                                              **{name: {0: "prompts"} for name in TEXT_OUTPUTS}})
+    shutil.copyfile(encoder.tokenizer_file, out / TOKENIZER_FILE)
+    return {"graph": TEXT_ENCODER_FILE, "tokenizer": TOKENIZER_FILE, "max_length": encoder.max_length,
+            "pad_id": encoder.pad_id, "kind": model.config.text_encoder}
 
 
 def example_decoder_inputs(config, k: int = 2, points: int = 2) -> tuple[Tensor, ...]:
@@ -180,14 +182,6 @@ def example_decoder_inputs(config, k: int = 2, points: int = 2) -> tuple[Tensor,
             torch.tensor([[1.0] * (points - 1) + [-1.0]] * k),
             torch.randn(k, 1, m, m, generator=generator),
             torch.ones(k, 1))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _export_graph(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -236,19 +230,6 @@ def save_text_table(table: dict, path: Path) -> None:
                                                       "vocabulary_sha256": table["vocabulary_sha256"]})
 
 
-def load_text_table(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, bool]]:
-    """``text_tokens.safetensors`` -> {normalized phrase: (token float32 (256,), oov)}."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="np") as handle:
-        phrases = json.loads(handle.metadata()["phrases"])
-        tokens = handle.get_tensor("codebook").astype(np.float32)[handle.get_tensor("code")]
-        oov = handle.get_tensor("oov").astype(bool)
-    if len(phrases) != tokens.shape[0]:
-        raise ValueError(f"{path}: {len(phrases)} phrases but {tokens.shape[0]} tokens")
-    return {phrase: (tokens[i], bool(oov[i])) for i, phrase in enumerate(phrases)}
-
-
 def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, with_text_table: bool = True,
                  text_phrases: list[str] | None = None) -> Path:
     """Export the checkpoint in ``model_dir`` to ``out_dir``; returns ``out_dir``.
@@ -258,7 +239,7 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, with_
     from training.model import load_checkpoint
     from training.model.checkpoint import WEIGHTS_FILE
 
-    model, _ = load_checkpoint(model_dir)
+    model, checkpoint_meta = load_checkpoint(model_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -273,6 +254,9 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, with_
                   {"text_tokens": prompts, "point_coords": points, "point_labels": points, "mask_input": prompts,
                    "has_mask_input": prompts, "masks": prompts, "scores": prompts, "iou_predictions": prompts})
     files = [ENCODER_FILE, DECODER_FILE]
+    text_encoder = export_text_encoder(model, out)
+    if text_encoder is not None:
+        files += [TEXT_ENCODER_FILE, TOKENIZER_FILE]
     vocabulary_sha = None
     if with_text_table:
         table = build_text_table(model, phrases=text_phrases)
@@ -286,6 +270,7 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, with_
             "encoder": {"inputs": ENCODER_INPUTS, "outputs": list(embeddings)},
             "decoder": {"inputs": decoder_input_names(config), "outputs": DECODER_OUTPUTS,
                         "dynamic": ["prompts", "points"]},
+            "text_encoder": text_encoder, "min_score": float(checkpoint_meta.get("min_score") or 0.0),
             "checkpoint_sha256": file_sha256(Path(model_dir) / WEIGHTS_FILE),
             "vocabulary_sha256": vocabulary_sha,
             "sha256": {name: file_sha256(out / name) for name in files},
@@ -294,29 +279,18 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, with_
     return out
 
 
-def read_export_meta(onnx_dir: str | os.PathLike) -> dict:
-    path = Path(onnx_dir) / EXPORT_META_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no {EXPORT_META_FILE} in {onnx_dir}: run `fluorosam export` first")
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise ValueError(f"{path}: export format {meta.get('format_version')}, this runtime reads "
-                         f"{EXPORT_FORMAT_VERSION}; run `fluorosam export` again")
-    return meta
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled default model)")
     parser.add_argument("--out", required=True, help="output folder for the ONNX graphs and text table")
     parser.add_argument("--no-text-table", action="store_true",
-                        help="skip the vocabulary token table (the runtime then encodes text with torch)")
+                        help="skip the vocabulary token table (the runtime then runs the text graph for every prompt)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                         help="fp16: FP16 compute with normalization/softmax/reductions and I/O in FP32 "
                              "(engine/fp16.py), the graphs both TensorRTs build")
 
 
 def main(args: argparse.Namespace) -> int:
-    from fluorosam_ros.paths import default_model_dir
+    from fluorosam_common.paths import default_model_dir
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     if args.precision == "fp16":

@@ -41,12 +41,13 @@ def convert_graph(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
 
 def convert_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """An FP16 copy of an FP32 export folder (graphs converted, export.json updated with hashes and
-    ``precision: fp16``, the text table copied); returns ``out_dir``."""
+    ``precision: fp16``, the text side copied as it is); returns ``out_dir``."""
     import json
     import shutil
 
-    from engine.export import DECODER_FILE, ENCODER_FILE, EXPORT_META_FILE, TEXT_TABLE_FILE, read_export_meta
-    from engine.export import file_sha256
+    from engine.export_format import (DECODER_FILE, ENCODER_FILE, EXPORT_META_FILE, TEXT_ENCODER_FILE,
+                                      TEXT_TABLE_FILE, TOKENIZER_FILE, read_export_meta)
+    from fluorosam_common.hashing import file_sha256
 
     meta = read_export_meta(onnx_dir)
     if meta.get("precision", "fp32") != "fp32":
@@ -54,8 +55,9 @@ def convert_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     conversions = {name: convert_graph(Path(onnx_dir) / name, out / name) for name in (ENCODER_FILE, DECODER_FILE)}
-    if (Path(onnx_dir) / TEXT_TABLE_FILE).exists():
-        shutil.copyfile(Path(onnx_dir) / TEXT_TABLE_FILE, out / TEXT_TABLE_FILE)
+    for name in (TEXT_TABLE_FILE, TEXT_ENCODER_FILE, TOKENIZER_FILE):  # the text side runs FP32 on the CPU
+        if (Path(onnx_dir) / name).exists():
+            shutil.copyfile(Path(onnx_dir) / name, out / name)
     meta = {**meta, "precision": "fp16", "fp16_from": {name: meta["sha256"][name] for name in conversions},
             "fp16_conversion": conversions,
             "sha256": {**meta["sha256"], **{name: file_sha256(out / name) for name in conversions}}}
@@ -68,7 +70,7 @@ def fp16_export_for(onnx_dir: str | os.PathLike, engine_dir: str | os.PathLike) 
     else its conversion in ``engine_dir/onnx-fp16`` (made, or made again when the FP32 export changed)."""
     import json
 
-    from engine.export import EXPORT_META_FILE, read_export_meta
+    from engine.export_format import EXPORT_META_FILE, read_export_meta
 
     meta = read_export_meta(onnx_dir)
     if meta.get("precision", "fp32") == "fp16":

@@ -1,7 +1,12 @@
 """The Segmenter: one API over the backends, with every cache the stream needs.
 
-* Text: normalized prompt -> LRU cache -> the exported vocabulary token table if present, else the
-  model's text encoder (torch, CPU). Out-of-vocabulary prompts are refused, never guessed.
+* Start-up: from an export folder (``fluorosam export``; export.json) the Segmenter runs on numpy with ONNX
+  Runtime or TensorRT and never imports torch, as nanosam's predictor does. From a checkpoint folder it
+  uses that checkpoint's export (``<model>/onnx`` or the cache, matched by the weights' sha256) and makes
+  one with torch, once, when there is none; the ``torch`` backends load the checkpoint itself.
+* Text: normalized prompt -> LRU cache -> the export's vocabulary token table if present, else its text
+  graph (sentence encoder + VQ, ONNX Runtime), else the model's text encoder (torch). Out-of-vocabulary
+  prompts are refused, never guessed.
 * Frames: a frame byte-identical to the one behind the kept embedding reuses it (pulsed fluoroscopy
   and last-image-hold repeat frames); optionally also a near-duplicate (mean absolute difference on a
   small thumbnail, as a fraction of the display window, at most ``near_duplicate_threshold``). A prompt
@@ -9,7 +14,7 @@
   one is computed, so a failed frame can never leave a stale embedding behind.
 * All prompts of a frame are decoded in one batch; optionally each prompt's previous low-resolution
   mask is fed back as the dense prompt (``temporal_prompt``).
-Pre/post-processing is engine/preprocess.py for every backend.
+Pre/post-processing is fluorosam_common/frames.py for every backend.
 """
 from __future__ import annotations
 
@@ -22,15 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from engine.preprocess import FrameError, Letterbox, postprocess_masks, preprocess, refusal_reason, validate_frame
+from engine.export_format import EXPORT_META_FILE, TEXT_TABLE_FILE, load_text_table, pack_points, read_export_meta
+from fluorosam_common.checkpoint_files import WEIGHTS_FILE, read_meta
+from fluorosam_common.frames import (FrameError, Letterbox, postprocess_masks, preprocess, refusal_reason,
+                                     validate_frame)
+from fluorosam_common.hashing import file_sha256
+from fluorosam_common.prompts import normalize_prompt
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "FrameError", "Prompt", "PromptResult", "SegmentResult", "Segmenter", "label_mask"]
 
 BACKENDS = ("auto", "torch", "torch-cuda", "onnxruntime", "tensorrt")
+TORCH_BACKENDS = ("torch", "torch-cuda")
 THUMBNAIL_SIDE = 64
 TEXT_CACHE_SIZE = 512
 COUNTERS = ("frames", "text_cache_hits", "text_cache_misses", "embedding_reuses", "near_duplicate_reuses",
@@ -75,6 +85,16 @@ class _KeptFrame:
 def cache_root() -> Path:
     """Where exported ONNX and TensorRT engines are cached: $FLUOROSAM_CACHE or ~/.cache/fluorosam."""
     return Path(os.environ.get("FLUOROSAM_CACHE") or Path.home() / ".cache" / "fluorosam")
+
+
+def _torch_cuda_available() -> bool:
+    """A CUDA device for torch, asked of torch only where an NVIDIA driver is present (importing torch costs
+    seconds and hundreds of MB that a CPU or TensorRT node does not need)."""
+    if not os.path.exists("/dev/nvidiactl"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def same_frame(kept: np.ndarray, frame: np.ndarray) -> bool:
@@ -123,43 +143,69 @@ class Segmenter:
                  temporal_prompt: bool = False, device: str | None = None, threads: int | None = None,
                  onnx_dir: str | os.PathLike | None = None, engine_dir: str | os.PathLike | None = None,
                  text_cache_size: int = TEXT_CACHE_SIZE) -> None:
-        from fluorosam_ros.paths import default_model_dir
-        from training.model import load_checkpoint
-        from training.model.checkpoint import WEIGHTS_FILE
-
-        from engine.export import file_sha256
+        """``model_dir``: a checkpoint folder (default: the bundled model) or an export folder (no torch)."""
+        from fluorosam_common.paths import default_model_dir
 
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         if near_duplicate_threshold is not None and not 0 <= near_duplicate_threshold < 1:
             raise ValueError("near_duplicate_threshold is a fraction of the display window, in [0, 1)")
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.model, self.meta = load_checkpoint(self.model_dir)
-        self.config = self.model.config
-        self.checkpoint_sha256 = file_sha256(self.model_dir / WEIGHTS_FILE)
-        meta_min_score = self.meta.get("min_score")
-        self.min_score = float(min_score if min_score is not None else meta_min_score or 0.0)
+        self._model = None
+        if (self.model_dir / EXPORT_META_FILE).exists():
+            if backend in TORCH_BACKENDS:
+                raise ValueError(f"{self.model_dir} is an export folder: the {backend!r} backend needs the "
+                                 "checkpoint folder it was exported from")
+            if onnx_dir is not None:
+                raise ValueError("give either an export folder as model_dir or onnx_dir, not both")
+            self.onnx_dir: Path | None = self.model_dir
+            self.checkpoint_sha256 = read_export_meta(self.model_dir)["checkpoint_sha256"]
+            self.meta: dict = {}
+        else:
+            self.meta = read_meta(self.model_dir)
+            self.checkpoint_sha256 = file_sha256(self.model_dir / WEIGHTS_FILE)
+            self.onnx_dir = self._find_onnx(onnx_dir)
         self.near_duplicate_threshold = near_duplicate_threshold
         self.temporal_prompt = temporal_prompt
         self.threads = threads
-        if threads:  # torch also runs the pre/post-processing and text encoding, for every backend
-            torch.set_num_threads(int(threads))
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._text_cache: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()
         self._text_cache_size = text_cache_size
         self._kept: _KeptFrame | None = None
         self._previous_masks: dict[tuple, np.ndarray] = {}
         self._previous_shape: tuple[int, ...] | None = None
-        self.onnx_dir = self._find_onnx(onnx_dir)
-        self._text_table = self._load_text_table()
         self.backend = self._make_backend(backend, device, engine_dir)
         self.backend_name: str = self.backend.name
+        export_meta = read_export_meta(self.onnx_dir) if self.onnx_dir is not None else None
+        if export_meta is not None:
+            self.image_size, self.mask_hw = int(export_meta["image_size"]), int(export_meta["mask_hw"])
+        else:
+            self.image_size, self.mask_hw = self.model.config.image_size, self.model.config.mask_hw
+        recorded = export_meta.get("min_score") if export_meta is not None else self.meta.get("min_score")
+        self.min_score = float(min_score if min_score is not None else recorded or 0.0)
+        self._text_table = self._load_text_table()
+        self._text_graph = self._load_text_graph(export_meta)
 
     # ------------------------------------------------------------------------------- construction
+    @property
+    def model(self):
+        """The torch model (loaded on first use: the torch backends and the torch text fallback need it)."""
+        if self._model is None:
+            import torch
+
+            from training.model import load_checkpoint
+
+            if self.threads:
+                torch.set_num_threads(int(self.threads))
+            self._model, self.meta = load_checkpoint(self.model_dir)
+        return self._model
+
+    @property
+    def torch_loaded(self) -> bool:
+        return self._model is not None
+
     def _find_onnx(self, explicit) -> Path | None:
         """An export of THIS checkpoint: the given folder, ``<model>/onnx`` or the cache (by checkpoint hash)."""
-        from engine.export import read_export_meta
-
         candidates = [Path(explicit)] if explicit is not None else []
         candidates += [self.model_dir / "onnx", self._onnx_cache_dir()]
         for candidate in candidates:
@@ -188,17 +234,24 @@ class Segmenter:
 
             target = self._onnx_cache_dir()
             log.info("exporting %s to ONNX in %s (once per checkpoint)", self.model_dir, target)
-            # No text table here: the LRU + text encoder cover it and start-up stays short.
+            # No text table here: the LRU + text graph cover it and start-up stays short.
             self.onnx_dir = export_model(self.model_dir, target, with_text_table=False)
         return Path(self.onnx_dir)
 
     def _load_text_table(self) -> dict[str, tuple[np.ndarray, bool]]:
-        from engine.export import TEXT_TABLE_FILE, load_text_table
-
         # Only the table of an export verified to come from this checkpoint (export.json's hash).
         if self.onnx_dir is not None and (self.onnx_dir / TEXT_TABLE_FILE).exists():
             return load_text_table(self.onnx_dir / TEXT_TABLE_FILE)
         return {}
+
+    def _load_text_graph(self, export_meta: dict | None):
+        """The export's text graph, unless a torch backend already holds the model's own text encoder."""
+        record = (export_meta or {}).get("text_encoder")
+        if record is None or self.backend_name in TORCH_BACKENDS:
+            return None
+        from engine.text_encoder import OnnxTextEncoder
+
+        return OnnxTextEncoder(self.onnx_dir, record)
 
     def _engine_dirs(self, engine_dir) -> list[Path]:
         if engine_dir is not None:
@@ -220,7 +273,7 @@ class Segmenter:
         if backend == "auto":
             if self._tensorrt_engines(engine_dir) is not None:
                 backend = "tensorrt"
-            elif torch.cuda.is_available():
+            elif self.onnx_dir != self.model_dir and _torch_cuda_available():
                 backend = "torch-cuda"
             else:
                 backend = "onnxruntime"
@@ -250,16 +303,14 @@ class Segmenter:
         from engine.backends.torch_backend import TorchBackend
 
         if backend == "torch-cuda":
-            if not torch.cuda.is_available():
+            if not _torch_cuda_available():
                 raise RuntimeError("backend 'torch-cuda' needs a CUDA device; none is available")
             return TorchBackend(self.model, device or "cuda")
         return TorchBackend(self.model, device or "cpu")
 
     # ------------------------------------------------------------------------------------------ text
     def _text_tokens(self, texts: list[str]) -> list[tuple[np.ndarray | None, bool]]:
-        """(token (256,), oov) per prompt via the LRU cache, the token table, then the text encoder."""
-        from training.vocabulary import normalize_prompt
-
+        """(token (256,), oov) per prompt via the LRU cache, the token table, then the text graph or encoder."""
         keys = [normalize_prompt(t) for t in texts]
         resolved: dict[str, tuple[np.ndarray | None, bool]] = {}
         for key in keys:
@@ -277,13 +328,20 @@ class Segmenter:
                     resolved[key] = self._text_table[key]
         to_encode = [k for k in dict.fromkeys(keys) if k not in resolved]
         if to_encode:
-            with torch.no_grad():
-                encoding = self.model.encode_text(to_encode)
-            for i, key in enumerate(to_encode):
-                resolved[key] = (encoding.tokens[i].float().cpu().numpy(), bool(encoding.oov[i]))
+            for key, token, oov in zip(to_encode, *self._encode_text(to_encode)):
+                resolved[key] = (token, bool(oov))
         for key, value in resolved.items():
             self._remember(key, value)
         return [resolved[key] for key in keys]
+
+    def _encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self._text_graph is not None:
+            return self._text_graph.encode(texts)
+        import torch
+
+        with torch.no_grad():
+            encoding = self.model.encode_text(texts)
+        return encoding.tokens.float().cpu().numpy(), encoding.oov.cpu().numpy()
 
     def _remember(self, key: str, value) -> None:
         self._text_cache[key] = value
@@ -308,7 +366,7 @@ class Segmenter:
                 return kept.embedding, kept.geometry, True
         self._kept = None  # from here on, a failure leaves no embedding to reuse
         started = time.perf_counter()
-        image, geometry = preprocess(frame, self.config.image_size)
+        image, geometry = preprocess(frame, self.image_size)
         timings["preprocess"] = (time.perf_counter() - started) * 1e3
         started = time.perf_counter()
         embedding = self.backend.encode(image)
@@ -364,15 +422,11 @@ class Segmenter:
         return prompt
 
     def _temporal_key(self, prompt: Prompt) -> tuple:
-        from training.vocabulary import normalize_prompt
-
         return normalize_prompt(prompt.text), tuple(prompt.points)
 
     def _decode(self, embedding, geometry: Letterbox, prompts: list[Prompt], tokens: np.ndarray,
                 timings: dict) -> list[PromptResult]:
-        from engine.export import pack_points
-
-        k, m = len(prompts), self.config.mask_hw
+        k, m = len(prompts), self.mask_hw
         coords, labels = pack_points([list(p.points) for p in prompts], geometry.to_input)
         mask_input = np.zeros((k, 1, m, m), np.float32)
         has_mask = np.zeros((k, 1), np.float32)
@@ -386,7 +440,7 @@ class Segmenter:
         self.counters["decoder_runs"] += 1
         timings["decode"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
-        masks = (postprocess_masks(low_res, geometry) > 0).numpy()
+        masks = postprocess_masks(low_res, geometry) > 0
         results = []
         for i, prompt in enumerate(prompts):
             score = float(scores[i])

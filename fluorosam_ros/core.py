@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.preprocess import window
+from fluorosam_common.frames import window
 from engine.segmenter import Prompt, PromptResult, SegmentResult, label_mask
 from fluorosam_ros.messages import Header, ImageMsg, ImageError, image_to_numpy, numpy_to_image
 from fluorosam_ros.params import NodeParams

@@ -234,7 +234,7 @@ def main(args: argparse.Namespace) -> int:
     import imageio.v2 as imageio
 
     from fluorosam_ros.demo_sequence import DEFAULT_OUT, load_sequence
-    from fluorosam_ros.paths import default_model_dir
+    from fluorosam_common.paths import default_model_dir
     from fluorosam_ros.testing import start_node_process, write_params
 
     out = Path(args.out)

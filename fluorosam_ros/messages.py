@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MAX_SIDE = 8192  # same limit as engine.preprocess: larger frames are rejected before any allocation
+MAX_SIDE = 8192  # same limit as fluorosam_common.frames: larger frames are rejected before any allocation
 
 # encoding -> (numpy dtype, channels)
 ENCODINGS: dict[str, tuple[np.dtype, int]] = {

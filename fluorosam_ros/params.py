@@ -98,7 +98,7 @@ def load_params(path: str | os.PathLike | None = None, node_name: str = NODE_NAM
     ``path=None`` reads the packaged ``config/fluorosam.yaml``. ``overrides`` win over the file.
     """
     if path is None:
-        from fluorosam_ros.paths import config_path
+        from fluorosam_common.paths import config_path
 
         path = config_path("fluorosam.yaml")
     path = Path(path)

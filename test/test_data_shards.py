@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fluorosam_ros.paths import config_path
+from fluorosam_common.paths import config_path
 from training.data.augment import anatomy_warp, domain_randomize
 from training.data.evalset import export_evalset
 from training.data.jobs import CTSpec, plan_jobs, render_dataset

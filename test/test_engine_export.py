@@ -10,8 +10,10 @@ import onnx
 import pytest
 import torch
 
-from engine.export import (DECODER_FILE, ENCODER_FILE, TEXT_TABLE_FILE, embedding_shapes, export_model,
-                           load_text_table, pack_points, read_export_meta)
+from engine.export import export_model
+from engine.export_format import (DECODER_FILE, ENCODER_FILE, TEXT_ENCODER_FILE, TEXT_TABLE_FILE, TOKENIZER_FILE,
+                                  embedding_shapes, load_text_table, pack_points, read_export_meta)
+from fluorosam_common.hashing import file_sha256
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
 
 OPS_FILE = Path(__file__).parent / "data" / "tensorrt_onnx_ops.txt"
@@ -46,11 +48,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_graphs_pass_the_checker_and_meta_hashes_match(exported):
-    from engine.export import file_sha256
-
     _, onnx_dir = exported
     meta = read_export_meta(onnx_dir)
-    for name in (ENCODER_FILE, DECODER_FILE, TEXT_TABLE_FILE):
+    for name in (ENCODER_FILE, DECODER_FILE, TEXT_TABLE_FILE, TEXT_ENCODER_FILE, TOKENIZER_FILE):
         assert meta["sha256"][name] == file_sha256(onnx_dir / name)
     onnx.checker.check_model(onnx.load(str(onnx_dir / ENCODER_FILE)), full_check=True)
     decoder = onnx.load(str(onnx_dir / DECODER_FILE))
@@ -187,6 +187,20 @@ def test_text_table_matches_the_text_encoder(exported):
     with torch.no_grad():
         reference = model.encode_text(["heart"]).tokens[0].numpy()
     np.testing.assert_allclose(table["heart"][0], reference, atol=1e-6)
+
+
+def test_text_graph_matches_the_text_encoder_on_free_text(exported):
+    """The exported text side (tokenizer + sentence encoder + VQ + OOV rule) gives the model's tokens and flags."""
+    from engine.text_encoder import OnnxTextEncoder
+
+    model, onnx_dir = exported
+    graph = OnnxTextEncoder(onnx_dir, read_export_meta(onnx_dir)["text_encoder"])
+    prompts = ["left lung", "tip of the guidewire", "pizza with pineapple and a very long tail of words " * 3]
+    tokens, oov = graph.encode(prompts)
+    with torch.no_grad():
+        reference = model.encode_text(prompts)
+    np.testing.assert_allclose(tokens, reference.tokens.numpy(), atol=1e-5)
+    assert oov.tolist() == reference.oov.tolist()
 
 
 def test_pack_points_pads_like_sam():

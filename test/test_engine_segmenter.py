@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.export import export_model
-from engine.preprocess import FrameError
+from fluorosam_common.frames import FrameError
 from engine.segmenter import Prompt, Segmenter, SegmentResult, label_mask
 from training.model import FluoroSAM, get_config, save_checkpoint
 
@@ -162,15 +162,21 @@ def test_near_duplicate_threshold(model_dirs):
         Segmenter(model_dirs[0], backend="onnxruntime", near_duplicate_threshold=2.0)
 
 
-def test_out_of_vocabulary_and_low_score_refusals(model_dirs):
-    segmenter = Segmenter(model_dirs[0], backend="onnxruntime", threads=1)
-    # Calibrated thresholds that refuse every prompt the text encoder sees: table phrases stay accepted.
-    segmenter.model.set_oov_thresholds(code_distance_max=-1.0, vocab_similarity_min=2.0)
+def test_out_of_vocabulary_and_low_score_refusals(model_dirs, tmp_path):
+    # Calibrated thresholds that refuse every prompt: the exported text graph carries them (no torch at run time).
+    model = FluoroSAM(get_config("tiny")).eval()
+    model.load_state_dict(Segmenter(model_dirs[0], backend="torch").model.state_dict())
+    model.set_oov_thresholds(code_distance_max=-1.0, vocab_similarity_min=2.0)
+    save_checkpoint(model, tmp_path, {"min_score": None})
+    export_model(tmp_path, tmp_path / "onnx", with_text_table=False)
+    segmenter = Segmenter(tmp_path / "onnx", backend="onnxruntime", threads=1)
     result = segmenter.segment(_frame(1), ["left lung", "pizza with pineapple", "", "heart"])
-    reasons = [r.reason for r in result.results]
-    assert reasons[1] == "out_of_vocabulary" and reasons[2] == "out_of_vocabulary"
+    assert [r.reason for r in result.results] == ["out_of_vocabulary"] * 4
     assert result.results[1].mask is None and result.results[1].refused
-    assert reasons[0] != "out_of_vocabulary" and reasons[3] != "out_of_vocabulary"
+    assert not segmenter.torch_loaded
+    lax = Segmenter(model_dirs[0], backend="onnxruntime", threads=1)
+    reasons = [r.reason for r in lax.segment(_frame(1), ["left lung", "pizza with pineapple", "", "heart"]).results]
+    assert reasons[2] == "out_of_vocabulary" and "out_of_vocabulary" not in (reasons[0], reasons[3])
     strict = Segmenter(model_dirs[0], backend="onnxruntime", threads=1, min_score=1e9)
     low = strict.segment(_frame(1), ["left lung", "heart"])
     assert [r.reason for r in low.results] == ["low_score", "low_score"]
@@ -205,7 +211,7 @@ def test_non_square_frames_come_back_aligned(segmenter, shape):
     frame = np.zeros(shape, np.uint8)
     y0, y1, x0, x1 = h // 4, h // 2, w // 3, (4 * w) // 5
     frame[y0:y1, x0:x1] = 255
-    segmenter.backend = _GeometryBackend(segmenter.config.mask_hw)
+    segmenter.backend = _GeometryBackend(segmenter.mask_hw)
     result = segmenter.segment(frame, ["heart"]).results[0]
     assert result.mask.shape == shape
     assert _iou(result.mask, frame > 0) >= 0.9
@@ -217,14 +223,14 @@ def test_non_square_frames_come_back_aligned(segmenter, shape):
 
 
 def test_empty_mask_is_refused(segmenter):
-    segmenter.backend = _GeometryBackend(segmenter.config.mask_hw, empty=True)
+    segmenter.backend = _GeometryBackend(segmenter.mask_hw, empty=True)
     result = segmenter.segment(_frame(1), ["heart"]).results[0]
     assert result.refused and result.reason == "empty_mask" and result.mask is None
 
 
 def test_temporal_prompt_feeds_previous_mask_back(model_dirs):
     segmenter = Segmenter(model_dirs[0], backend="onnxruntime", threads=1, temporal_prompt=True)
-    backend = _GeometryBackend(segmenter.config.mask_hw)
+    backend = _GeometryBackend(segmenter.mask_hw)
     segmenter.backend = backend
     frame = np.zeros((64, 80), np.uint8)
     frame[10:30, 20:50] = 200

@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from engine.backends.tensorrt_backend import engine_key, tensorrt_available
-from fluorosam_ros.paths import default_model_dir
+from fluorosam_common.paths import default_model_dir
 
 TRT_RUN_OK, TRT_RUN_REASON = tensorrt_available()
 REAL_XRAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "realxray-dev" / "images"
@@ -39,14 +39,11 @@ def test_engine_key_depends_on_flavor_version_target_onnx_and_precision():
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
+def exports(default_export, tmp_path_factory):
     """The default model's FP32 export and its FP16 conversion (what `fluorosam export --precision fp16` writes)."""
-    from engine.export import export_model
     from engine.fp16 import convert_export
 
-    root = tmp_path_factory.mktemp("exports")
-    fp32 = export_model(default_model_dir(), root / "fp32", with_text_table=False)
-    return fp32, convert_export(fp32, root / "fp16")
+    return default_export, convert_export(default_export, tmp_path_factory.mktemp("exports") / "fp16")
 
 
 def test_fp16_graphs_compute_in_fp16_with_fp32_io_and_normalization(exports):

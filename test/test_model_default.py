@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fluorosam_ros.paths import default_model_dir
+from fluorosam_common.paths import default_model_dir
 from training.model import load_checkpoint
 from training.vocabulary import Vocabulary
 

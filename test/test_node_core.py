@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.preprocess import FrameError
+from fluorosam_common.frames import FrameError
 from engine.segmenter import PromptResult, SegmentResult
 from fluorosam_ros.core import ERROR, OK, WARN, NodeCore, PromptError, parse_prompts
 from fluorosam_ros.messages import Header, ImageError, ImageMsg, image_to_numpy, numpy_to_image
 from fluorosam_ros.params import NodeParams, load_params
-from fluorosam_ros.paths import config_path
+from fluorosam_common.paths import config_path
 from fluorosam_ros.testing import write_params
 
 
@@ -30,7 +30,7 @@ class SquareSegmenter:
         self.seen_prompts = []
 
     def segment(self, frame, prompts):
-        from engine.preprocess import validate_frame
+        from fluorosam_common.frames import validate_frame
 
         frame = validate_frame(frame)
         time.sleep(self.delay_s)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fluorosam_ros.params import load_params
-from fluorosam_ros.paths import config_path
+from fluorosam_common.paths import config_path
 from fluorosam_ros.ros_types import VISION_MSGS
 from fluorosam_ros.testing import save_random_model, write_params
 from ros_support import NodeProcess, RosClient, executable, mono16_frame, next_domain, require_ros, ros_env

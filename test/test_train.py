@@ -404,7 +404,7 @@ def test_train_refuses_shards_made_with_another_vocabulary(tmp_path, capsys):
     is refused before any work; the vocabulary they were made with (--vocabulary FILE) matches."""
     import argparse
 
-    from fluorosam_ros.paths import config_path
+    from fluorosam_common.paths import config_path
     from training.train import add_arguments, main, vocabulary_mismatches
 
     other = tmp_path / "other.yaml"

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from training.vocabulary import Vocabulary, normalize_prompt
+from fluorosam_common.prompts import normalize_prompt
+from training.vocabulary import Vocabulary
 
 REQUIRED = ["left lung", "right lung", "trachea", "endotracheal tube", "nasogastric tube", "central venous catheter",
             "guidewire", "catheter", "k-wire", "pedicle screw", "needle", "plate", "heart", "liver", "spine", "ribs",

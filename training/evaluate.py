@@ -2,7 +2,7 @@
 
 Works on any eval-set folder (``manifest.json`` with image and per-prompt mask PNGs; real X-rays
 included) and on shard folders (rendered views, evaluated in place without augmentation). Frames
-go through ``engine.preprocess`` exactly as at runtime; masks are compared at the frame's resolution.
+go through ``fluorosam_common.frames`` exactly as at runtime; masks are compared at the frame's resolution.
 
 Clicks follow SAM's protocol: each new click goes to the point farthest from the boundary of the
 largest error region (distance transform), positive in a missed region, negative in a false one;
@@ -31,7 +31,7 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
-from engine.preprocess import postprocess_masks, preprocess, refusal_reason
+from fluorosam_common.frames import postprocess_masks, preprocess, refusal_reason
 
 if TYPE_CHECKING:  # the model stays unimported for `fluorosam compare`
     from training.model.text import TextEncoding
@@ -228,12 +228,12 @@ class TorchPredictor:
         best, score, index = self.model.choose_output(logits, iou_pred, labels)
         index = index.cpu()
         # Every candidate on the frame once; the pick is the chosen token's, not upsampled again.
-        every = postprocess_masks(logits.flatten(0, 1).float().cpu(), self._geo) > 0
+        every = postprocess_masks(logits.flatten(0, 1).float().cpu().numpy(), self._geo) > 0
         every = every.reshape(*logits.shape[:2], *every.shape[-2:])
-        picked = every[torch.arange(len(index)), index]
+        picked = every[np.arange(len(index)), index.numpy()]
         # The candidates are what the rule chose among: the single mask alone, or the three.
-        self.candidates = [m[:1] if i == 0 else m[1:] for m, i in zip(every.numpy(), index.tolist())]
-        return list(picked.numpy()), score.float().cpu().tolist(), best[:, None]
+        self.candidates = [m[:1] if i == 0 else m[1:] for m, i in zip(every, index.tolist())]
+        return list(picked), score.float().cpu().tolist(), best[:, None]
 
     @torch.no_grad()
     def refused(self, prompts):
@@ -340,7 +340,7 @@ def _class_mean(rows: list[dict], values: list[float]) -> float | None:
 
 def _published(rows: list[dict], min_score: float, largest: list[str], refused_prompts: set[str]) -> dict:
     """What the node publishes with ``min_score``: it refuses every prompt in ``refused_prompts`` (out of
-    vocabulary) and each mask the node's rule refuses (:func:`engine.preprocess.refusal_reason`: predicted IoU
+    vocabulary) and each mask the node's rule refuses (:func:`fluorosam_common.frames.refusal_reason`: predicted IoU
     below ``min_score``, or an empty mask).
 
     ``rate``: share of the (present) structures published; ``mean_iou``: class mean over published masks
@@ -535,7 +535,7 @@ def plot_overlays(overlays: list[dict], path: Path, columns: int = 4, max_prompt
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from engine.preprocess import window
+    from fluorosam_common.frames import window
 
     if not overlays:
         return
@@ -619,7 +619,7 @@ def _spread(values: list, k: int) -> list:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fluorosam_ros.paths import default_model_dir
+    from fluorosam_common.paths import default_model_dir
     from training.model import load_checkpoint
     from training.model.checkpoint import META_FILE
     from training.vocabulary import Vocabulary

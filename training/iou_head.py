@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from engine.preprocess import postprocess_masks, preprocess
+from fluorosam_common.frames import postprocess_masks, preprocess
 from training.evaluate import load_eval_items, next_click
 from training.losses import mask_iou
 from training.model import FluoroSAM, load_checkpoint, save_checkpoint
@@ -79,7 +79,8 @@ def collect_head_examples(model: FluoroSAM, items, click_rounds: int = 1,
                 # Inputs for every output token (the head's mask index one-hot counts token 0), kept for the 3.
                 xs.append(MaskAwareIoUHead.inputs(captured["token"], all_logits, captured["features"])[:, 1:].float())
                 n, k_tokens = all_logits.shape[:2]
-                masks = postprocess_masks(all_logits.reshape(n * k_tokens, *all_logits.shape[2:]), geo) > 0
+                flat = all_logits.reshape(n * k_tokens, *all_logits.shape[2:]).float().numpy()
+                masks = torch.from_numpy(postprocess_masks(flat, geo) > 0)
                 masks = masks.reshape(n, k_tokens, *masks.shape[1:])
                 ys.append(mask_iou(masks[:, 1:], truth_t))  # as evaluation's mask_overlap: two empty masks agree
                 preds.append(all_iou[:, 1:].float())

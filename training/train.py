@@ -36,7 +36,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from engine.preprocess import letterbox, normalize, window
+from fluorosam_common.frames import letterbox, normalize, window
 from training.evaluate import next_click
 from training.losses import mask_iou, multimask_loss, supervised_contrastive_loss
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint

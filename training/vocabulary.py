@@ -8,27 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from fluorosam_common.prompts import normalize_prompt
+
 KINDS = ("anatomy", "group", "tool")
-_ARTICLES = {"the", "a", "an"}
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation.replace(chr(39), ''))}]")
-
-
-def normalize_prompt(text: str) -> str:
-    """Lowercase, drop apostrophes, turn other punctuation into spaces, drop articles, collapse spaces.
-
-    ``"The patient's LEFT lung!"`` -> ``"patients left lung"``; ``"K-wire"`` -> ``"k wire"``.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"prompt must be a string, got {type(text).__name__}")
-    text = text.lower().replace("'", "").replace("\u2019", "")
-    text = _PUNCTUATION.sub(" ", text)
-    return " ".join(word for word in text.split() if word not in _ARTICLES)
 
 
 @dataclass(frozen=True)
@@ -80,7 +67,7 @@ class Vocabulary:
     def load(cls, path: str | Path | None = None) -> "Vocabulary":
         """Read and validate a vocabulary YAML (default: the package's ``config/vocabulary.yaml``)."""
         if path is None:
-            from fluorosam_ros.paths import config_path
+            from fluorosam_common.paths import config_path
 
             path = config_path("vocabulary.yaml")
         raw = Path(path).read_bytes()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.export import DECODER_FILE, ENCODER_FILE, PROMPT_INPUTS
+from engine.export_format import DECODER_FILE, ENCODER_FILE, PROMPT_INPUTS
 
 
 class OnnxRuntimeBackend:

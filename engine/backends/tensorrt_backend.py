@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.export import DECODER_OUTPUTS, PROMPT_INPUTS, read_export_meta
+from engine.export_format import DECODER_OUTPUTS, PROMPT_INPUTS, read_export_meta
 
 FLAVORS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
 RTX_TARGETS = ("SM75", "SM80", "SM86", "SM89", "SM120")  # the default RTX set (SM121: GB10 / DGX Spark)

@@ -1,7 +1,7 @@
 """Contact sheet of real renders of the bundled CT: views x colored masks for several prompts.
 
 ``python -m training.data.contact_sheet --out docs/images/contact_sheet.png``. Images are shown the way
-training sees them before augmentation (``engine.preprocess.window``), masks as translucent fills.
+training sees them before augmentation (``fluorosam_common.frames.window``), masks as translucent fills.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from engine.preprocess import window
+    from fluorosam_common.frames import window
     from training.vocabulary import Vocabulary
 
     from .ct import load_ct

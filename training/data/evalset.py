@@ -1,7 +1,7 @@
 """Export rendered views in the eval-set format shared with real X-rays (docs/interfaces.md).
 
 ``manifest.json`` = ``{"items": [{"image": "a.png", "masks": {"left lung": "a_left_lung.png"}}]}``;
-images are 16-bit grayscale PNGs windowed exactly as training windows them (``engine.preprocess.window``),
+images are 16-bit grayscale PNGs windowed exactly as training windows them (``fluorosam_common.frames.window``),
 masks are 8-bit PNGs with 255 = structure.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from engine.preprocess import window
+from fluorosam_common.frames import window
 
 from .shards import ShardDataset, _atomic_write
 

@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fluorosam_common.checkpoint_files import META_FILE, WEIGHTS_FILE, read_meta
+from fluorosam_common.hashing import file_sha256
+
 from .config import FluoroSAMConfig
 from .fluorosam import FluoroSAM
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
+__all__ = ["META_FILE", "WEIGHTS_FILE", "checkpoint_provenance", "load_checkpoint", "model_from_state", "read_meta",
+           "save_checkpoint"]
 FORMAT_VERSION = 1
 
 
@@ -27,8 +30,13 @@ def _finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def save_checkpoint(model: FluoroSAM, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write weights and metadata atomically (temp files, then rename); returns the folder."""
+def save_checkpoint(model: FluoroSAM, out_dir: str | os.PathLike, meta: dict | None = None,
+                    float16: bool = False) -> Path:
+    """Write weights and metadata atomically (temp files, then rename); returns the folder.
+
+    ``float16`` stores floating tensors as float16 (half the bytes: how a committed default is stored);
+    :func:`load_checkpoint` loads them back into the float32 model.
+    """
     model = getattr(model, "module", model)  # unwrap DDP
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,6 +49,8 @@ def save_checkpoint(model: FluoroSAM, out_dir: str | os.PathLike, meta: dict | N
     meta.setdefault("data_manifest_sha256", None)
     document = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), **meta}
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    if float16:
+        tensors = {name: t.half() if t.is_floating_point() else t for name, t in tensors.items()}
     tmp_weights, tmp_meta = out / (WEIGHTS_FILE + ".tmp"), out / (META_FILE + ".tmp")
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
     tmp_meta.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
@@ -49,13 +59,6 @@ def save_checkpoint(model: FluoroSAM, out_dir: str | os.PathLike, meta: dict | N
     os.replace(tmp_weights, out / WEIGHTS_FILE)
     os.replace(tmp_meta, out / META_FILE)
     return out
-
-
-def read_meta(model_dir: str | os.PathLike) -> dict:
-    path = Path(model_dir) / META_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no {META_FILE} in {model_dir}: not a FluoroSAM checkpoint folder")
-    return json.loads(path.read_text())
 
 
 def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FluoroSAM, dict]:
@@ -72,8 +75,6 @@ def checkpoint_provenance(checkpoint_dir: str | os.PathLike) -> dict:
     """One link of a model's chain (a warm start's source, a weight average's input): path, weights hash and
     that checkpoint's own training record (or, for a weight average, which has none, its ``averaged_from``), so
     a model.json traces the whole chain."""
-    from engine.export import file_sha256
-
     meta = read_meta(checkpoint_dir)
     record = {"path": str(checkpoint_dir), "checkpoint_sha256": file_sha256(Path(checkpoint_dir) / WEIGHTS_FILE),
               "config": meta.get("config"), "training": meta.get("training")}

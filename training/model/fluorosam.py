@@ -57,7 +57,7 @@ class FluoroSAM(nn.Module):
 
     def sentence_embeddings(self, prompts: list[str]) -> Tensor:
         """Normalized prompt strings -> (N, text_dim) L2-normalized sentence embeddings on the model's device."""
-        from training.vocabulary import normalize_prompt
+        from fluorosam_common.prompts import normalize_prompt
 
         return self.sentence_encoder([normalize_prompt(p) for p in prompts]).to(self.phrase_table.device)
 

