@@ -1,4 +1,5 @@
-"""ament_python package ``fluorosam_ros``; also installs ``engine``, ``training`` and ``fluorosam_common`` (the shared bottom layer).
+"""ament_python package ``fluorosam_ros``; also installs ``engine``, ``training`` and ``fluorosam_common``
+(the bottom layer they all share).
 
 Under ROS 2 (colcon) the console scripts land in ``lib/fluorosam_ros`` so that
 ``ros2 run fluorosam_ros fluorosam_node`` finds them; with plain pip they land on PATH.

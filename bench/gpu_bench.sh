@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark: the same table as `fluorosam bench`, for torch CUDA FP16 (+ CUDA graph encoder) and
-# TensorRT FP16 where installed, for the default model and a random-init `large` config (448 px, Swin-L).
+# TensorRT FP16 where installed (either flavor: TensorRT 10/11 on any NVIDIA GPU, TensorRT-RTX on RTX-class
+# ones; `build-engine` picks the one present), for the default model and a random-init `large` (448 px, Swin-L).
 # Run from the repo root on a CUDA machine: bench/gpu_bench.sh [OUT_DIR]   (JSON files land in OUT_DIR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,11 @@ export FLUOROSAM_CACHE=${FLUOROSAM_CACHE:-$OUT/cache}
 
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 HAS_TRT=0
-if "$PY" -c "import tensorrt, pycuda" 2>/dev/null; then HAS_TRT=1; else echo "TensorRT/pycuda not importable: TensorRT rows skipped"; fi
+if "$PY" -c "
+import sys
+from engine.backends.tensorrt_backend import tensorrt_available
+ok, why = tensorrt_available(); print('TensorRT:', why); sys.exit(0 if ok else 1)"; then HAS_TRT=1
+else echo "TensorRT rows skipped"; fi
 
 bench() {  # name, then `fluorosam bench` arguments
   local name=$1; shift
@@ -20,7 +25,7 @@ bench() {  # name, then `fluorosam bench` arguments
   "$PY" -m fluorosam_ros.cli bench --quiet --iterations 50 --no-cpu-comparison --json "$OUT/$name.json" "$@"
 }
 
-DEFAULT_MODEL=$("$PY" -c "from fluorosam_ros.paths import default_model_dir; print(default_model_dir())")
+DEFAULT_MODEL=$("$PY" -c "from fluorosam_common.paths import default_model_dir; print(default_model_dir())")
 if [ -f "$DEFAULT_MODEL/model.json" ]; then
   bench default-torch-cuda --model "$DEFAULT_MODEL" --backend torch-cuda
   if [ "$HAS_TRT" = 1 ]; then

@@ -116,7 +116,7 @@ def cpu_backend_comparison(model_dir, frames, iterations: int, threads: int | No
     for backend in ("onnxruntime", "torch"):
         segmenter = Segmenter(model_dir, backend=backend, device="cpu", threads=threads)
         segmenter.segment(frames[0], [PROMPTS[0]])
-        samples = [_timed(lambda f=f: segmenter.segment(f, [PROMPTS[0]]))
+        samples = [_timed(lambda f=f, s=segmenter: s.segment(f, [PROMPTS[0]]))
                    for f in tqdm(frames[1: iterations + 1], desc=f"cpu {backend}", unit="frame", disable=not progress)]
         out[f"{backend}_full_frame_ms_p50"], out[f"{backend}_full_frame_ms_p99"] = _percentiles(samples)
     return out

@@ -38,10 +38,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.export_format import (DECODER_FILE, DECODER_OUTPUTS, ENCODER_FILE, ENCODER_INPUTS, EXPORT_FORMAT_VERSION,
-                                  EXPORT_META_FILE, OPSET, TEXT_ENCODER_FILE, TEXT_INPUTS, TEXT_OUTPUTS,
-                                  TEXT_TABLE_FILE, TOKENIZER_FILE, decoder_input_names, embedding_shapes,
-                                  read_export_meta)
+from engine.export_format import (
+    DECODER_FILE,
+    DECODER_OUTPUTS,
+    ENCODER_FILE,
+    ENCODER_INPUTS,
+    EXPORT_FORMAT_VERSION,
+    EXPORT_META_FILE,
+    OPSET,
+    TEXT_ENCODER_FILE,
+    TEXT_INPUTS,
+    TEXT_OUTPUTS,
+    TEXT_TABLE_FILE,
+    TOKENIZER_FILE,
+    decoder_input_names,
+    embedding_shapes,
+    read_export_meta,
+)
 from fluorosam_common.hashing import file_sha256
 
 
@@ -306,6 +319,7 @@ def main(args: argparse.Namespace) -> int:
     meta = read_export_meta(out)
     for name, digest in meta["sha256"].items():
         print(f"{out / name}  {os.path.getsize(out / name) / 1e6:.1f} MB  sha256 {digest[:16]}")
-    print(f"{meta.get('precision', 'fp32')}, opset {meta['opset']}, input {meta['image_size']} px, embedding {meta['embed_hw']}x{meta['embed_hw']}, "
-          f"masks {meta['mask_hw']}x{meta['mask_hw']}, {meta['export_seconds']} s")
+    print(f"{meta.get('precision', 'fp32')}, opset {meta['opset']}, input {meta['image_size']} px, "
+          f"embedding {meta['embed_hw']}x{meta['embed_hw']}, masks {meta['mask_hw']}x{meta['mask_hw']}, "
+          f"{meta['export_seconds']} s")
     return 0

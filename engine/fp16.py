@@ -45,8 +45,15 @@ def convert_export(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     import json
     import shutil
 
-    from engine.export_format import (DECODER_FILE, ENCODER_FILE, EXPORT_META_FILE, TEXT_ENCODER_FILE,
-                                      TEXT_TABLE_FILE, TOKENIZER_FILE, read_export_meta)
+    from engine.export_format import (
+        DECODER_FILE,
+        ENCODER_FILE,
+        EXPORT_META_FILE,
+        TEXT_ENCODER_FILE,
+        TEXT_TABLE_FILE,
+        TOKENIZER_FILE,
+        read_export_meta,
+    )
     from fluorosam_common.hashing import file_sha256
 
     meta = read_export_meta(onnx_dir)

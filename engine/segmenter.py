@@ -30,8 +30,7 @@ import numpy as np
 
 from engine.export_format import EXPORT_META_FILE, TEXT_TABLE_FILE, load_text_table, pack_points, read_export_meta
 from fluorosam_common.checkpoint_files import WEIGHTS_FILE, read_meta
-from fluorosam_common.frames import (FrameError, Letterbox, postprocess_masks, preprocess, refusal_reason,
-                                     validate_frame)
+from fluorosam_common.frames import FrameError, Letterbox, postprocess_masks, preprocess, refusal_reason, validate_frame
 from fluorosam_common.hashing import file_sha256
 from fluorosam_common.prompts import normalize_prompt
 
@@ -283,8 +282,12 @@ class Segmenter:
                     log.warning("ONNX export failed (%s); using the torch backend", error)
                     backend = "torch"
         if backend == "tensorrt":
-            from engine.backends.tensorrt_backend import (TensorRTBackend, build_engines, find_engines,
-                                                          tensorrt_available)
+            from engine.backends.tensorrt_backend import (
+                TensorRTBackend,
+                build_engines,
+                find_engines,
+                tensorrt_available,
+            )
             from engine.fp16 import fp16_export_for
 
             ok, reason = tensorrt_available()
@@ -393,7 +396,7 @@ class Segmenter:
         timings["text"] = (time.perf_counter() - t) * 1e3
         results: list[PromptResult | None] = [None] * len(prompts)
         active = []
-        for i, (prompt, (token, oov)) in enumerate(zip(prompts, texts)):
+        for i, (prompt, (_, oov)) in enumerate(zip(prompts, texts)):
             if oov:
                 results[i] = PromptResult(prompt.text, None, 0.0, True, "out_of_vocabulary")
             else:

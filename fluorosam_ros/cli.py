@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit-iou-head": ("training.iou_head", "fit the mask-aware IoU head alone on a frozen model"),
     "average": ("training.average", "average the weights of fine-tunes of one model (a model soup)"),
     "evaluate": ("training.evaluate", "evaluate a model on an eval-set folder"),
-    "publish": ("training.publish", "store a checkpoint as float16, the form a default is committed in"),
+    "publish": ("training.publish", "store a checkpoint compactly (float16), as a default is committed"),
     "compare": ("training.compare", "paired per-item differences between two evaluations of one eval set"),
     "export": ("engine.export", "export a checkpoint to ONNX"),
     "build-engine": ("engine.build", "build TensorRT FP16 engines from the ONNX (GPU machines)"),

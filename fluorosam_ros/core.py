@@ -24,14 +24,14 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from fluorosam_common.frames import window
 from engine.segmenter import Prompt, PromptResult, SegmentResult, label_mask
-from fluorosam_ros.messages import Header, ImageMsg, ImageError, image_to_numpy, numpy_to_image
+from fluorosam_common.frames import window
+from fluorosam_ros.messages import Header, ImageError, ImageMsg, image_to_numpy, numpy_to_image
 from fluorosam_ros.params import NodeParams
 
 log = logging.getLogger("fluorosam_node")
@@ -106,7 +106,7 @@ class Detection:
     centroid: tuple[float, float] | None  # x, y
 
     @classmethod
-    def from_result(cls, label: int, result: PromptResult) -> "Detection":
+    def from_result(cls, label: int, result: PromptResult) -> Detection:
         return cls(label, result.prompt, float(result.score), bool(result.refused), result.reason, int(result.area),
                    tuple(int(v) for v in result.bbox) if result.bbox is not None else None,
                    tuple(float(v) for v in result.centroid) if result.centroid is not None else None)
@@ -346,7 +346,7 @@ class NodeCore:
                 log.exception("publishing diagnostics failed")
 
     # ------------------------------------------------------------------------------- lifecycle
-    def start(self) -> "NodeCore":
+    def start(self) -> NodeCore:
         """Start the inference worker and the diagnostics/watchdog timer (daemon threads)."""
         self._stop.clear()
         self._worker = threading.Thread(target=self._worker_loop, name="fluorosam-infer", daemon=True)

@@ -198,10 +198,13 @@ def write_bag(path: Path, sent: list[tuple[int, ImageMsg]], prompts: list[tuple[
 
 def report(sent, got: Received, truth: dict[str, np.ndarray], sent_at: dict[int, float], args, backend: str,
            wall_s: float, phases: list[tuple[int, str]]) -> str:
+    def fmt(values: list, q: float) -> str:
+        return f"{np.percentile(values, q):.0f}" if values else "-"
+
     rows = ["| prompts | frames sent | processed | dropped | embedding reused | node latency p50 / p99 ms "
             "| round trip p50 ms | mean IoU vs truth |", "|---|---|---|---|---|---|---|---|"]
     bounds = [start * args.hold for start, _ in phases] + [len(sent)]
-    for (start, text), lo, hi in zip(phases, bounds[:-1], bounds[1:]):
+    for (_, text), lo, hi in zip(phases, bounds[:-1], bounds[1:]):
         numbers = [msg.header.stamp_ns for _, msg in sent[lo:hi]]
         index_of = {msg.header.stamp_ns: i for i, msg in sent[lo:hi]}
         done = [n for n in numbers if n in got.results]
@@ -214,7 +217,6 @@ def report(sent, got: Received, truth: dict[str, np.ndarray], sent_at: dict[int,
             for d in got.results[n]["detections"]:
                 if d["prompt"] in truth and labels is not None:
                     ious.append(_iou(labels == d["label"], truth[d["prompt"]][index_of[n] // args.hold]))
-        fmt = (lambda v, q: f"{np.percentile(v, q):.0f}" if v else "-")
         iou = f"{np.nanmean(ious):.2f}" if ious and not np.all(np.isnan(ious)) else "-"
         rows.append(f"| {text} | {len(numbers)} | {len(done)} | {len(numbers) - len(done)} | {reused} | "
                     f"{fmt(latency, 50)} / {fmt(latency, 99)} | {fmt(trip, 50)} | {iou} |")
@@ -233,8 +235,8 @@ def report(sent, got: Received, truth: dict[str, np.ndarray], sent_at: dict[int,
 def main(args: argparse.Namespace) -> int:
     import imageio.v2 as imageio
 
-    from fluorosam_ros.demo_sequence import DEFAULT_OUT, load_sequence
     from fluorosam_common.paths import default_model_dir
+    from fluorosam_ros.demo_sequence import DEFAULT_OUT, load_sequence
     from fluorosam_ros.testing import start_node_process, write_params
 
     out = Path(args.out)

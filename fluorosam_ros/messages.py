@@ -39,7 +39,7 @@ class Header:
         return int(self.stamp_sec) * 1_000_000_000 + int(self.stamp_nanosec)
 
     @classmethod
-    def from_ns(cls, stamp_ns: int, frame_id: str = "") -> "Header":
+    def from_ns(cls, stamp_ns: int, frame_id: str = "") -> Header:
         return cls(int(stamp_ns) // 1_000_000_000, int(stamp_ns) % 1_000_000_000, frame_id)
 
 
@@ -97,7 +97,7 @@ def numpy_to_image(array: np.ndarray, encoding: str | None = None, header: Heade
     dtype, channels = ENCODINGS[encoding]
     expected_ndim = 3 if channels > 1 else 2
     if array.ndim != expected_ndim or (channels > 1 and array.shape[2] != channels):
-        raise ImageError(f"{encoding} needs shape (H, W{', %d' % channels if channels > 1 else ''}), got {array.shape}")
+        raise ImageError(f"{encoding} needs shape (H, W{f', {channels}' if channels > 1 else ''}), got {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError(f"image has zero size {array.shape[:2]}")
     pixels = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<"))

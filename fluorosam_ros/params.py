@@ -82,7 +82,7 @@ class NodeParams:
     def model_dir_or_none(self) -> str | None:
         return self.model_dir or None
 
-    def replace(self, **changes) -> "NodeParams":
+    def replace(self, **changes) -> NodeParams:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:

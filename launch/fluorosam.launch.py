@@ -9,11 +9,12 @@ manager). Ctrl-C stops either cleanly (exit 0).
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition, UnlessCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+
+from launch import LaunchDescription
 
 # launch argument -> topic name the node uses by default (config/fluorosam.yaml)
 REMAPPABLE = {

@@ -95,11 +95,10 @@ class RosClient:
 
     def __init__(self, domain: int, topics=None) -> None:
         import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-
-        from diagnostic_msgs.msg import DiagnosticArray
         from sensor_msgs.msg import Image
         from std_msgs.msg import String
         from vision_msgs.msg import Detection2DArray

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from synthetic_evalset import Oracle, write_evalset
 
 from fluorosam_ros.cli import main as cli_main
 from training.compare import add_arguments, compare, main, paired_difference
 from training.evaluate import RECORDS_FILE, evaluate_items, load_eval_items, summarize, write_records
-from synthetic_evalset import Oracle, write_evalset
 
 
 def _rows(values: dict[tuple[str, str], float], points: int = 0) -> list[dict]:

@@ -6,7 +6,7 @@ import pytest
 from training.data.ct import load_ct, render_line_integrals
 from training.data.geometry import CArmPose, camera, sample_pose
 from training.data.render import ClassMasker, render_view
-from training.data.tools import Cylinder, Tool, make_tool, TOOL_NAMES
+from training.data.tools import TOOL_NAMES, Cylinder, Tool, make_tool
 from training.vocabulary import Vocabulary
 
 SIZE = 64

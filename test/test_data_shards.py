@@ -9,8 +9,15 @@ from fluorosam_common.paths import config_path
 from training.data.augment import anatomy_warp, domain_randomize
 from training.data.evalset import export_evalset
 from training.data.jobs import CTSpec, plan_jobs, render_dataset
-from training.data.shards import (ShardDataset, add_shard, new_manifest, read_manifest, split_by_ct, write_manifest,
-                                  write_shard)
+from training.data.shards import (
+    ShardDataset,
+    add_shard,
+    new_manifest,
+    read_manifest,
+    split_by_ct,
+    write_manifest,
+    write_shard,
+)
 
 CLASSES = ["left lung", "right lung", "heart"]
 

@@ -5,9 +5,10 @@ settings (ROS_DOMAIN_ID, LOCALHOST range); a flood of bad prompts logs a few lin
 import signal
 import time
 
+from ros_support import NodeProcess, RosClient, mono16_frame, next_domain, require_ros, ros_env
+
 from fluorosam_ros import ros_types
 from fluorosam_ros.testing import save_random_model, write_params
-from ros_support import NodeProcess, RosClient, mono16_frame, next_domain, require_ros, ros_env
 
 IMAGE_HASH = "RIHS01_d31d41a9a4c4bc8eae9be757b0beed306564f7526c88ea6a4588fb9582527d47"  # rclpy's, Jazzy
 

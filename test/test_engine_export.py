@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from engine.export import export_model
-from engine.export_format import (DECODER_FILE, ENCODER_FILE, TEXT_ENCODER_FILE, TEXT_TABLE_FILE, TOKENIZER_FILE,
-                                  embedding_shapes, load_text_table, pack_points, read_export_meta)
+from engine.export_format import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    TEXT_ENCODER_FILE,
+    TEXT_TABLE_FILE,
+    TOKENIZER_FILE,
+    embedding_shapes,
+    load_text_table,
+    pack_points,
+    read_export_meta,
+)
 from fluorosam_common.hashing import file_sha256
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine.export import export_model
-from fluorosam_common.frames import FrameError
 from engine.segmenter import Prompt, Segmenter, SegmentResult, label_mask
+from fluorosam_common.frames import FrameError
 from training.model import FluoroSAM, get_config, save_checkpoint
 
 pytestmark = pytest.mark.slow  # one export of the tiny model per module (~10-20 s on 2 cores)

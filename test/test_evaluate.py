@@ -6,14 +6,23 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from training.evaluate import (add_arguments, calibrate_min_score, error_placement, evaluate_items,
-                               load_eval_items, main, mask_overlap, next_click, summarize,
-                               TorchPredictor)
-from training.model import FluoroSAM, save_checkpoint
-from synthetic_evalset import Oracle, write_evalset
 from mini_model import MINI
+from PIL import Image
+from synthetic_evalset import Oracle, write_evalset
+
+from training.evaluate import (
+    TorchPredictor,
+    add_arguments,
+    calibrate_min_score,
+    error_placement,
+    evaluate_items,
+    load_eval_items,
+    main,
+    mask_overlap,
+    next_click,
+    summarize,
+)
+from training.model import FluoroSAM, save_checkpoint
 
 
 @pytest.mark.parametrize("perfect,expected", [(True, 1.0), (False, 0.0)])

@@ -5,13 +5,12 @@ import dataclasses
 
 import pytest
 import torch
+from mini_model import MINI, record_decodes
+from synthetic_evalset import write_evalset
 
 from training.iou_head import add_arguments, collect_head_examples, fit_head, main, with_mask_aware_head
 from training.model import FluoroSAM, load_checkpoint, save_checkpoint
 from training.model.decoder import MaskAwareIoUHead
-from synthetic_evalset import write_evalset
-from mini_model import MINI, record_decodes
-
 
 
 def test_fit_learns_from_inputs_on_very_different_scales():

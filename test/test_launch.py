@@ -10,9 +10,9 @@ import asyncio
 import threading
 
 import pytest
+from ros_support import RosClient, mono16_frame, next_domain, require_ros
 
 from fluorosam_ros.testing import save_random_model, write_params
-from ros_support import RosClient, mono16_frame, next_domain, require_ros
 
 LAUNCH_REASON = "launch / launch_ros are not installed (not on PyPI; a ROS distro has them)"
 

@@ -50,4 +50,4 @@ def test_runtime_modules_do_not_import_torch():
             + "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training'))\n"
             + "print(loaded)\nsys.exit(1 if loaded else 0)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"torch or training imported by the runtime: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    assert done.returncode == 0, f"torch or training imported: {done.stdout[-2000:]}{done.stderr[-2000:]}"

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from mini_model import MINI  # small and fast; the real "tiny" is exercised where it matters (encode_image)
 from safetensors.torch import load_file
 
 from training.model import CONFIGS, FluoroSAM, FluoroSAMConfig, get_config, load_checkpoint, save_checkpoint
 from training.model.text import VectorQuantizer
-from mini_model import MINI  # small and fast; the real "tiny" is exercised where it matters (encode_image)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fluorosam_common.frames import FrameError
 from engine.segmenter import PromptResult, SegmentResult
+from fluorosam_common.frames import FrameError
+from fluorosam_common.paths import config_path
 from fluorosam_ros.core import ERROR, OK, WARN, NodeCore, PromptError, parse_prompts
 from fluorosam_ros.messages import Header, ImageError, ImageMsg, image_to_numpy, numpy_to_image
 from fluorosam_ros.params import NodeParams, load_params
-from fluorosam_common.paths import config_path
 from fluorosam_ros.testing import write_params
 
 

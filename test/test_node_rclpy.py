@@ -5,7 +5,6 @@ the robot. Each test on its own ROS_DOMAIN_ID with LOCALHOST discovery.
 Without ROS 2 these skip with that reason; with FLUOROSAM_REQUIRE_ROS=1 (CI) they fail instead.
 """
 import ast
-import math
 import re
 import signal
 import time
@@ -13,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ros_support import NodeProcess, RosClient, executable, mono16_frame, next_domain, require_ros, ros_env
 
-from fluorosam_ros.params import load_params
 from fluorosam_common.paths import config_path
+from fluorosam_ros.params import load_params
 from fluorosam_ros.ros_types import VISION_MSGS
 from fluorosam_ros.testing import save_random_model, write_params
-from ros_support import NodeProcess, RosClient, executable, mono16_frame, next_domain, require_ros, ros_env
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch" / "fluorosam.launch.py"
@@ -100,7 +99,7 @@ def _frames_until(client, stamps, prompts: list[str]):
     prompt from the next frame on, and a late joiner may see frames before the latched prompt."""
     for sec in stamps:
         mask = client.send_until_mask(client.image(mono16_frame(), sec=sec))
-        detections = client.wait(lambda: client.detections_for(sec), 5)
+        detections = client.wait(lambda sec=sec: client.detections_for(sec), 5)
         if detections and [d.results[0].hypothesis.class_id for d in detections.detections] == prompts:
             return mask, detections
     raise AssertionError(f"no detections for {prompts} in frames {stamps}")

@@ -49,7 +49,7 @@ def make_bag(path, storage, corrupt_at=(), image_topic="/carm/image", prompt_top
 def read_bag(path):
     with Reader(path) as reader:
         by_topic = {}
-        for connection, stamp, raw in reader.messages():
+        for connection, _, raw in reader.messages():
             by_topic.setdefault(connection.topic, []).append(rt.deserialize(raw, connection.msgtype))
     return by_topic, input_storage(path)
 

@@ -13,7 +13,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from ros_support import NodeProcess, RosClient, mono16_frame, next_domain, require_ros, ros_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +90,7 @@ def test_installed_node_with_default_parameters_serves_masks(colcon_workspace, t
         frame = mono16_frame(256, 256)
         for sec in range(1, 30):
             mask = client.send_until_mask(client.image(frame, sec=sec))
-            detections = client.wait(lambda: client.detections_for(sec), 5)
+            detections = client.wait(lambda sec=sec: client.detections_for(sec), 5)
             if detections and detections.detections:
                 break
         assert (mask.height, mask.width) == (256, 256)

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from mini_model import MINI, record_decodes
 from torch.utils.data import Dataset
 
 from training.losses import multimask_loss
 from training.model import FluoroSAM, load_checkpoint, save_checkpoint
-from training.train import (TrainingStep, TrainOptions, run_training, sample_error_points, sample_prompts,
-                            with_deepest_clicks)
+from training.train import (
+    TrainingStep,
+    TrainOptions,
+    run_training,
+    sample_error_points,
+    sample_prompts,
+    with_deepest_clicks,
+)
 from training.vocabulary import Vocabulary
-from mini_model import MINI, record_decodes
 
 CLASSES = ["left lung", "right lung", "heart", "liver"]
 
@@ -237,7 +243,7 @@ def test_short_training_lowers_loss_and_resumes(tmp_path):
     _, last = run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path,
                            _options(steps=40, val_every=20, val_items=2, deepest_click_prob=0.5),
                            val_dataset=EllipseChests(n=2, seed=1))
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.7 * losses[0], losses
     assert last["step"] == 40 and (tmp_path / "training_curve.png").stat().st_size > 0
@@ -251,7 +257,7 @@ def test_short_training_lowers_loss_and_resumes(tmp_path):
     assert stopped_epoch > 0
     first_wall_time = meta["training"]["wall_time_s"]
     run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path, _options(steps=45), resume=tmp_path)
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r][-2:] == [40, 45]
     assert [r["epoch"] for r in rows if "loss" in r][-1] >= stopped_epoch  # a fresh start would be back near 0
     # Time and throughput cover the whole run, not only the resumed process (5 steps of 45).
@@ -263,7 +269,7 @@ def test_amp_uses_bfloat16_only_on_cpus_that_have_it(monkeypatch):
     from training import train
 
     for native, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: native)
+        monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda native=native: native)
         assert train.amp_dtype_for(torch.device("cpu")) is expected
     assert train.amp_dtype_for(torch.device("cuda")) is torch.float16
 
@@ -285,7 +291,7 @@ def test_bfloat16_autocast_on_cpu_trains_and_keeps_float32_weights_and_codes(tmp
     monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: True)  # the bfloat16 path on any CPU
     vocabulary = Vocabulary.load()
     model, _ = run_training(MINI, lambda epoch: EllipseChests(), vocabulary, tmp_path, _options(steps=40, amp=True))
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast casts activations only

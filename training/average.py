@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from training.model import FluoroSAM, save_checkpoint
 from training.model.checkpoint import WEIGHTS_FILE, checkpoint_provenance, model_from_state, read_meta
 
-MUST_BE_EQUAL = ("phrase_table",)  # set from the vocabulary, never trained
+MUST_BE_EQUAL = ("phrase_table", "phrase_table_scale")  # set from the vocabulary, never trained
 
 
 def _same_untrained(tensor: torch.Tensor, first: torch.Tensor) -> bool:

@@ -23,9 +23,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ from training.evaluate import next_click
 from training.losses import mask_iou, multimask_loss, supervised_contrastive_loss
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
 from training.model.checkpoint import checkpoint_provenance
-from training.model.fluorosam import answers_with_single_mask
 from training.model.config import FluoroSAMConfig
+from training.model.fluorosam import answers_with_single_mask
 from training.vocabulary import Vocabulary
 
 TRAIN_STATE_FILE = "train_state.pt"

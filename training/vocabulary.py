@@ -64,7 +64,7 @@ class Vocabulary:
         self._template_patterns = [self._template_regex(t) for t in (*self.templates, *self.heldout_templates)]
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Vocabulary":
+    def load(cls, path: str | Path | None = None) -> Vocabulary:
         """Read and validate a vocabulary YAML (default: the package's ``config/vocabulary.yaml``)."""
         if path is None:
             from fluorosam_common.paths import config_path

@@ -58,8 +58,8 @@ def main(args: argparse.Namespace) -> int:
                 return 2
             from pathlib import Path
 
-            cts = [CTSpec(Path(v).name.split(".")[0], str(Path(v).resolve()), str(Path(l).resolve()), voxel)
-                   for v, l in zip(args.ct, args.labels)]
+            cts = [CTSpec(Path(volume).name.split(".")[0], str(Path(volume).resolve()), str(Path(labels).resolve()),
+                          voxel) for volume, labels in zip(args.ct, args.labels)]
         manifest = render_dataset(cts, args.out, views=args.views, size=args.size, seed=args.seed,
                                   workers=args.workers, shard_size=args.shard_size,
                                   tool_probability=args.tool_probability, backend=args.backend,

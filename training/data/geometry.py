@@ -51,7 +51,7 @@ class CArmPose:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CArmPose":
+    def from_dict(cls, d: dict) -> CArmPose:
         return cls(**{**d, "isocenter": tuple(d["isocenter"])})
 
 

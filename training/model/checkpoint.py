@@ -22,8 +22,25 @@ from .config import FluoroSAMConfig
 from .fluorosam import FluoroSAM
 
 __all__ = ["META_FILE", "WEIGHTS_FILE", "checkpoint_provenance", "load_checkpoint", "model_from_state", "read_meta",
-           "save_checkpoint"]
+           "save_checkpoint", "quantize_rows", "dequantize_rows"]
 FORMAT_VERSION = 1
+PHRASE_TABLE, PHRASE_SCALE = "phrase_table", "phrase_table_scale"
+
+
+def quantize_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm rows -> int8 rows and a float16 scale each (symmetric, scale = max |x| / 127).
+
+    Why int8 is enough: the table only feeds a max-cosine OOV score; a row's rounding error is at most
+    scale / 2 per component (~1e-3 for 384-d unit vectors), which moves a cosine by ~1e-3 in the worst
+    case and by ~1e-4 typically, against a refusal threshold calibrated with a margin of hundredths.
+    """
+    table = table.float()
+    scale = (table.abs().amax(dim=1) / 127).clamp_min(1e-12).half()
+    return torch.round(table / scale.float()[:, None]).to(torch.int8), scale
+
+
+def dequantize_rows(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (rows.float() * scale.float()[:, None]).half()
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -31,11 +48,12 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def save_checkpoint(model: FluoroSAM, out_dir: str | os.PathLike, meta: dict | None = None,
-                    float16: bool = False) -> Path:
+                    compact: bool = False) -> Path:
     """Write weights and metadata atomically (temp files, then rename); returns the folder.
 
-    ``float16`` stores floating tensors as float16 (half the bytes: how a committed default is stored);
-    :func:`load_checkpoint` loads them back into the float32 model.
+    ``compact`` (how a committed default is stored, ``fluorosam publish``): weights as float16 and the phrase
+    table as int8 with a float16 scale per row (:func:`quantize_rows`); :func:`model_from_state` loads
+    both back into the float32 model and its float16 table.
     """
     model = getattr(model, "module", model)  # unwrap DDP
     out = Path(out_dir)
@@ -49,8 +67,9 @@ def save_checkpoint(model: FluoroSAM, out_dir: str | os.PathLike, meta: dict | N
     meta.setdefault("data_manifest_sha256", None)
     document = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(), **meta}
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    if float16:
+    if compact:
         tensors = {name: t.half() if t.is_floating_point() else t for name, t in tensors.items()}
+        tensors[PHRASE_TABLE], tensors[PHRASE_SCALE] = quantize_rows(tensors[PHRASE_TABLE])
     tmp_weights, tmp_meta = out / (WEIGHTS_FILE + ".tmp"), out / (META_FILE + ".tmp")
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
     tmp_meta.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
@@ -90,8 +109,11 @@ def model_from_state(meta: dict, state: dict[str, torch.Tensor]) -> FluoroSAM:
     a missing OOV threshold refuses nothing.
     """
     model = FluoroSAM(FluoroSAMConfig.from_dict(meta["config"]))
-    if "phrase_table" in state:
-        model.set_phrase_table(state["phrase_table"])
+    if PHRASE_SCALE in state:  # a compact checkpoint
+        state = {**state, PHRASE_TABLE: dequantize_rows(state[PHRASE_TABLE], state[PHRASE_SCALE])}
+        del state[PHRASE_SCALE]
+    if PHRASE_TABLE in state:
+        model.set_phrase_table(state[PHRASE_TABLE])
     model.load_state_dict(state, strict=True)
     oov = meta.get("oov") or {}
     model.set_oov_thresholds(

@@ -102,7 +102,7 @@ class FluoroSAMConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FluoroSAMConfig":
+    def from_dict(cls, data: dict) -> FluoroSAMConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
