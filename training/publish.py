@@ -4,7 +4,7 @@ Every committed default costs every future clone its size, so a default is store
 and an int8 phrase table (``save_checkpoint(compact=True)``), half the bytes of training's float32
 checkpoints (the rule for when one may be committed at all: docs/training_log.md).
 The record (config, OOV thresholds, ``min_score``, metrics, training history) is kept, and ``published_from``
-names the float32 source by its weights' hash.
+names the float32 source by path and weights hash.
 """
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import argparse
 import os
 from pathlib import Path
 
-from training.model.checkpoint import checkpoint_provenance, load_checkpoint, save_checkpoint
+from fluorosam_common.hashing import file_sha256
+from training.model.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
 
 
 def publish(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     model, meta = load_checkpoint(model_dir)
     meta = {key: value for key, value in meta.items() if key not in ("format_version", "config")}
-    meta["published_from"] = checkpoint_provenance(model_dir)
+    # The record itself is kept whole above; the float32 source is named by its weights' hash.
+    meta["published_from"] = {"path": str(model_dir), "checkpoint_sha256": file_sha256(Path(model_dir) / WEIGHTS_FILE)}
     return save_checkpoint(model, out_dir, meta, compact=True)
 
 
