@@ -6,6 +6,13 @@ attention logits and LayerNorm variances exceed 65504), and Resize keeps FP32 sc
 stay FP32, so every backend and the shared pre/post-processing are unchanged. ONNX Runtime's transformer
 converter is used rather than onnxconverter-common's: the latter leaves the graph's own ``Cast(to=FLOAT)``
 nodes as they are, which gives Half/Float mixes TensorRT refuses (``/Sub_1: ... Half and Float``).
+
+Before the conversion the graph is folded with onnxslim (constant folding, shape simplification, dead and
+duplicate nodes): measured on the default model (2026-12-06), the encoder's ONNX nodes fall from 2,302 to
+580 and its TensorRT layers from 4,314 to 2,050 (most of them the Swin windows' INT64 shape arithmetic), the
+decoder's from 1,067 to 531 nodes and 1,643 to 1,087 layers; ONNX Runtime's outputs are bit-identical, plan
+sizes and build times unchanged (~12 s for both plans). What the fewer layers buy at run time needs a GPU
+to measure.
 """
 from __future__ import annotations
 
@@ -20,11 +27,17 @@ FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceM
 
 def convert_graph(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
     """Write the FP16 version of the ONNX graph ``src`` to ``dst``; returns what was converted."""
+    import logging
+
     import onnx
+    import onnxslim
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     started = time.perf_counter()
     model = onnx.load(str(src))
+    nodes_before = len(model.graph.node)
+    logging.getLogger("onnxslim").setLevel(logging.ERROR)  # its shape inference warns of every symbolic Pad
+    model = onnxslim.slim(model)
     for index, node in enumerate(model.graph.node):  # unnamed nodes would give the inserted Casts equal names
         if not node.name:
             node.name = f"{node.op_type}_{index}"
@@ -34,7 +47,7 @@ def convert_graph(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
     onnx.save(wrapped.model, str(dst))
     initializers = wrapped.model.graph.initializer
     fp16 = sum(1 for t in initializers if t.data_type == onnx.TensorProto.FLOAT16)
-    return {"nodes": len(wrapped.model.graph.node), "fp16_initializers": fp16,
+    return {"nodes_exported": nodes_before, "nodes": len(wrapped.model.graph.node), "fp16_initializers": fp16,
             "fp32_initializers": sum(1 for t in initializers if t.data_type == onnx.TensorProto.FLOAT),
             "fp32_ops": list(FP32_OPS), "seconds": round(time.perf_counter() - started, 1)}
 
