@@ -20,9 +20,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from fluorosam_common.vocabulary import Vocabulary
     from training.data.ct import load_ct
     from training.data.render import ClassMasker, render_random_view
-    from training.vocabulary import Vocabulary
 
     masker = ClassMasker(Vocabulary.load())
     rows = []

@@ -33,6 +33,8 @@ from fluorosam_common.checkpoint_files import WEIGHTS_FILE, read_meta
 from fluorosam_common.frames import FrameError, Letterbox, postprocess_masks, preprocess, refusal_reason, validate_frame
 from fluorosam_common.hashing import file_sha256
 from fluorosam_common.prompts import normalize_prompt
+from fluorosam_common.thin import tip_point
+from fluorosam_common.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class PromptResult:
     area: int = 0
     bbox: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1 inclusive
     centroid: tuple[float, float] | None = None  # x, y
+    tip: tuple[float, float] | None = None  # x, y of a device's tip (tool prompts; fluorosam_common.thin)
 
 
 @dataclass
@@ -184,6 +187,8 @@ class Segmenter:
         self.min_score = float(min_score if min_score is not None else recorded or 0.0)
         self._text_table = self._load_text_table()
         self._text_graph = self._load_text_graph(export_meta)
+        self._vocabulary = Vocabulary.load()
+        self._is_tool: dict[str, bool] = {}
 
     # ------------------------------------------------------------------------------- construction
     @property
@@ -346,6 +351,15 @@ class Segmenter:
             encoding = self.model.encode_text(texts)
         return encoding.tokens.float().cpu().numpy(), encoding.oov.cpu().numpy()
 
+    def _names_a_tool(self, text: str) -> bool:
+        """Whether the vocabulary resolves the prompt to a tool class (then its result carries the tip)."""
+        if text not in self._is_tool:
+            if len(self._is_tool) >= self._text_cache_size:
+                self._is_tool.clear()
+            name = self._vocabulary.lookup(text)
+            self._is_tool[text] = name is not None and self._vocabulary.get(name).kind == "tool"
+        return self._is_tool[text]
+
     def _remember(self, key: str, value) -> None:
         self._text_cache[key] = value
         self._text_cache.move_to_end(key)
@@ -454,7 +468,8 @@ class Segmenter:
                 self._previous_masks.pop(key, None)
                 continue
             area, bbox, centroid = _describe(masks[i])
-            results.append(PromptResult(prompt.text, masks[i], score, False, "", area, bbox, centroid))
+            tip = tip_point(masks[i]) if self._names_a_tool(prompt.text) else None
+            results.append(PromptResult(prompt.text, masks[i], score, False, "", area, bbox, centroid, tip))
             if self.temporal_prompt:
                 self._previous_masks[key] = np.asarray(low_res[i], np.float32)
         timings["postprocess"] = (time.perf_counter() - t) * 1e3

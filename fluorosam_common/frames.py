@@ -8,12 +8,13 @@ inverse: crop the padding, then resize to the original frame, so non-square fram
 
 The resizes follow torch's ``F.interpolate`` definitions (``area`` = adaptive average pooling when
 shrinking, ``bilinear`` with ``align_corners=False``) so that the model, trained with them, sees the
-same pixels; test/test_frames.py checks the two agree. They are separable, written as one sparse
-1-D operator per axis: the two bilinear steps of :func:`postprocess_masks` compose into a single
-(frame side x mask side) matrix per axis, two small matrix products per mask.
+same pixels; test/test_frames.py checks the two agree. Small resizes are 1-D operators per axis (cached
+matrices); the one large step, masks up to the frame's resolution, is OpenCV's ``INTER_LINEAR``, the
+same half-pixel bilinear definition (SIMD, ~10x torch's on a loaded 2-core CPU for 8 masks at 1024 px).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,16 +89,20 @@ def window(frame: np.ndarray) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+@functools.lru_cache(maxsize=64)
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float64 operator of a 1-D bilinear resize with ``align_corners=False`` (torch's)."""
+    """(n_out, n_in) float64 operator of a 1-D bilinear resize with ``align_corners=False`` (torch's).
+
+    Cached (read-only): a stream keeps one frame geometry, so its operators are built once."""
     src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
     low = np.minimum(src.astype(np.int64), n_in - 1)
     high = np.minimum(low + 1, n_in - 1)
     frac = src - low
     matrix = np.zeros((n_out, n_in))
     rows = np.arange(n_out)
-    np.add.at(matrix, (rows, low), 1.0 - frac)
-    np.add.at(matrix, (rows, high), frac)
+    matrix[rows, low] += 1.0 - frac  # each row once per statement; low == high at the edge adds up to 1
+    matrix[rows, high] += frac
+    matrix.setflags(write=False)
     return matrix
 
 
@@ -120,6 +125,8 @@ def _area_axis0(image: np.ndarray, n_out: int) -> np.ndarray:
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """float32 (h, w) -> (height, width): area averaging when shrinking, bilinear otherwise (as letterbox)."""
     h, w = image.shape
+    if (height, width) == (h, w):  # both of torch's modes are the identity at the same size
+        return image.astype(np.float32, copy=True)
     if height < h:
         rows_done = np.ascontiguousarray(_area_axis0(image.astype(np.float32, copy=False), height).T)
         return np.ascontiguousarray(_area_axis0(rows_done, width).T)
@@ -152,11 +159,12 @@ def preprocess(frame: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     return normalize(image)[None, None].astype(np.float32), geo
 
 
-def unletterbox_matrix(mask_side: int, geo: Letterbox, axis: int) -> np.ndarray:
-    """(frame side, mask side) float32: upsample to the input square, crop the padding, resize to the frame."""
-    scaled, orig = (geo.scaled_h, geo.orig_h) if axis == 0 else (geo.scaled_w, geo.orig_w)
-    to_square = bilinear_matrix(mask_side, geo.size)[:scaled]
-    return (bilinear_matrix(scaled, orig) @ to_square).astype(np.float32)
+@functools.lru_cache(maxsize=16)
+def _to_square_crop(mask_side: int, size: int, scaled: int) -> np.ndarray:
+    """(scaled, mask side) float32: upsample to the input square and keep the frame's part (the crop)."""
+    matrix = bilinear_matrix(mask_side, size)[:scaled].astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
 
 
 def postprocess_masks(logits: np.ndarray, geo: Letterbox) -> np.ndarray:
@@ -165,14 +173,20 @@ def postprocess_masks(logits: np.ndarray, geo: Letterbox) -> np.ndarray:
     Upsample to the input square, crop away the padding, then resize to the frame: the inverse of
     :func:`letterbox`, so that masks of non-square frames line up with the anatomy.
     """
+    import cv2
+
     logits = np.asarray(logits, dtype=np.float32)
     if logits.ndim != 3:
         raise ValueError(f"expected (K, h, w) logits, got shape {tuple(logits.shape)}")
-    rows = unletterbox_matrix(logits.shape[1], geo, 0)
-    cols = unletterbox_matrix(logits.shape[2], geo, 1)
-    k = logits.shape[0]
-    along_rows = (rows @ logits).reshape(k * rows.shape[0], logits.shape[2])  # (K * frame h, mask w)
-    return (along_rows @ cols.T).reshape(k, rows.shape[0], cols.shape[0])
+    k, h, w = logits.shape
+    rows = _to_square_crop(h, geo.size, geo.scaled_h)
+    cols_t = _to_square_crop(w, geo.size, geo.scaled_w).T.copy()
+    # Two plain GEMMs (a broadcast batch matmul takes numpy's slow path): rows, then columns.
+    cropped = ((rows @ logits).reshape(k * geo.scaled_h, w) @ cols_t).reshape(k, geo.scaled_h, geo.scaled_w)
+    out = np.empty((k, geo.orig_h, geo.orig_w), np.float32)
+    for k, mask in enumerate(cropped):
+        out[k] = cv2.resize(mask, (geo.orig_w, geo.orig_h), interpolation=cv2.INTER_LINEAR)
+    return out
 
 
 def refusal_reason(score: float, min_score: float, mask_is_empty: bool) -> str:

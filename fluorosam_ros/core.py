@@ -104,12 +104,14 @@ class Detection:
     area: int
     bbox: tuple[int, int, int, int] | None  # x0, y0, x1, y1 inclusive, frame pixels
     centroid: tuple[float, float] | None  # x, y
+    tip: tuple[float, float] | None = None  # x, y of a device's tip: tool prompts with a mask
 
     @classmethod
     def from_result(cls, label: int, result: PromptResult) -> Detection:
         return cls(label, result.prompt, float(result.score), bool(result.refused), result.reason, int(result.area),
                    tuple(int(v) for v in result.bbox) if result.bbox is not None else None,
-                   tuple(float(v) for v in result.centroid) if result.centroid is not None else None)
+                   tuple(float(v) for v in result.centroid) if result.centroid is not None else None,
+                   tuple(float(v) for v in result.tip) if result.tip is not None else None)
 
 
 @dataclass

@@ -182,7 +182,8 @@ def write_bag(path: Path, sent: list[tuple[int, ImageMsg]], prompts: list[tuple[
                 head = got.results[number]
                 detections = [Detection(d["label"], d["prompt"], d["score"], d["refused"], d["reason"], d["area"],
                                         tuple(d["bbox"]) if d["bbox"] else None,
-                                        tuple(d["centroid"]) if d["centroid"] else None) for d in head["detections"]]
+                                        tuple(d["centroid"]) if d["centroid"] else None,
+                                        tuple(d["tip"]) if d.get("tip") else None) for d in head["detections"]]
                 output = FrameOutput(mask.header, mask, detections, None, head["latency_ms"], head["embedding_reused"])
                 records.append((t, params.detections_topic, rt.detections_to_ros(output), rt.DETECTIONS))
                 records.append((t, params.results_topic, rt.string_to_ros(json.dumps(head)), rt.STRING))

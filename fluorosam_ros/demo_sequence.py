@@ -22,11 +22,11 @@ TRUTH_CLASSES = ("left lung", "right lung", "heart", "spine", "guidewire")
 
 
 def render_sequence(frames: int, size: int, seed: int) -> dict:
+    from fluorosam_common.vocabulary import Vocabulary
     from training.data.ct import load_ct
     from training.data.geometry import CArmPose
     from training.data.render import ClassMasker, render_view
     from training.data.tools import Tool, make_tool
-    from training.vocabulary import Vocabulary
 
     vocabulary = Vocabulary.load()
     masker = ClassMasker(vocabulary)

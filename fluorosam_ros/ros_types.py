@@ -8,6 +8,8 @@ prompt order, header = the input frame's):
 * ``results[0].hypothesis``: ``class_id`` = the prompt text, ``score`` = predicted IoU
 * ``results[0].pose.pose.position``: centroid x, y in pixels (z = mask area in pixels); NaN x/y when refused
 * ``bbox``: centre and size in pixels of the inclusive box; all zeros when refused
+* ``results[1]``, only for a tool prompt with a mask: ``class_id`` "tip", the same score, and
+  ``pose.pose.position`` x, y = the device's tip in pixels (z = 0; the rule: fluorosam_common/thin.py)
 Every field of every result is also on the results topic as JSON (std_msgs/String).
 """
 from __future__ import annotations
@@ -96,7 +98,16 @@ def _detection(header, d: Detection):
     bbox = t["vision_msgs/msg/BoundingBox2D"](
         center=t["vision_msgs/msg/Pose2D"](position=t["vision_msgs/msg/Point2D"](x=centre[0], y=centre[1]), theta=0.0),
         size_x=size[0], size_y=size[1])
-    return t["vision_msgs/msg/Detection2D"](header=header, results=[hypothesis], bbox=bbox,
+    results = [hypothesis]
+    if d.tip is not None:
+        results.append(t["vision_msgs/msg/ObjectHypothesisWithPose"](
+            hypothesis=t["vision_msgs/msg/ObjectHypothesis"](class_id="tip", score=float(d.score)),
+            pose=t["geometry_msgs/msg/PoseWithCovariance"](
+                pose=t["geometry_msgs/msg/Pose"](position=t["geometry_msgs/msg/Point"](x=d.tip[0], y=d.tip[1], z=0.0),
+                                                 orientation=t["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0,
+                                                                                              w=1.0)),
+                covariance=np.zeros(36, np.float64))))
+    return t["vision_msgs/msg/Detection2D"](header=header, results=results, bbox=bbox,
                                            id=f"{d.label}:{d.reason}" if d.refused else str(d.label))
 
 

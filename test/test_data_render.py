@@ -3,11 +3,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fluorosam_common.vocabulary import Vocabulary
 from training.data.ct import load_ct, render_line_integrals
 from training.data.geometry import CArmPose, camera, sample_pose
 from training.data.render import ClassMasker, render_view
 from training.data.tools import TOOL_NAMES, Cylinder, Tool, make_tool
-from training.vocabulary import Vocabulary
 
 SIZE = 64
 

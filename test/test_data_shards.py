@@ -226,8 +226,8 @@ def test_relabel_matches_a_fresh_render_with_the_new_vocabulary(tmp_path):
     """A render made without hidden_by, relabelled to diaphragm-only lung fields, equals rendering again bit for bit."""
     import yaml
 
+    from fluorosam_common.vocabulary import Vocabulary
     from training.data.relabel import relabel_dataset
-    from training.vocabulary import Vocabulary
 
     doc = yaml.safe_load(Path(config_path("vocabulary.yaml")).read_text())
     for c in doc["classes"]:

@@ -222,6 +222,17 @@ def test_non_square_frames_come_back_aligned(segmenter, shape):
     assert result.area == int(result.mask.sum())
 
 
+def test_tool_prompts_carry_the_tip_and_anatomy_does_not(segmenter):
+    frame = np.zeros((128, 128), np.uint8)
+    frame[60:68, 0:92] = 255  # a wire entering from the left border, turning down at x ~ 88
+    frame[60:112, 84:92] = 255
+    segmenter.backend = _GeometryBackend(segmenter.mask_hw)
+    wire, heart = segmenter.segment(frame, ["the guidewire", "heart"]).results
+    assert heart.tip is None and not heart.refused
+    x, y = wire.tip
+    assert 82 <= x <= 93 and y >= 100, wire.tip  # the inner end, not the entry at x = 0
+
+
 def test_empty_mask_is_refused(segmenter):
     segmenter.backend = _GeometryBackend(segmenter.mask_hw, empty=True)
     result = segmenter.segment(_frame(1), ["heart"]).results[0]

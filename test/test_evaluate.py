@@ -263,3 +263,24 @@ def test_torch_predictor_answers_multi_click_prompts_with_the_single_mask_token(
     assert np.array_equal(masks[1], predictor.candidates[1][0])
     assert any(np.array_equal(masks[0], c) for c in predictor.candidates[0])
     assert low_res.shape == (2, 1, config.mask_hw, config.mask_hw)
+
+
+@pytest.mark.parametrize("perfect", [True, False])
+def test_device_prompts_get_centreline_and_tip_scores(tmp_path, perfect):
+    from training.evaluate import write_markdown, write_records
+
+    items = list(load_eval_items(write_evalset(tmp_path / "set")))
+    raw = evaluate_items(Oracle(perfect), items, [0], show_progress=False, device_prompts=frozenset({"left lung"}))
+    metrics = summarize(raw)
+    device = metrics["points"]["0"]["per_class"]["left lung"]
+    if perfect:
+        assert (device["centreline_f1"], device["centreline_recall"], device["tip_error_px"]) == (1.0, 1.0, 0.0)
+    else:
+        assert device["centreline_f1"] == 0.0 and device["centreline_precision"] is None
+        assert device["tip_error_px"] is None
+    assert "centreline_f1" not in metrics["points"]["0"]["per_class"]["right lung"]
+    write_markdown(metrics, tmp_path / "metrics.md", "t")
+    assert "| left lung | " in (tmp_path / "metrics.md").read_text().split("Devices:")[1]
+    write_records(raw["records"], tmp_path / "records.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert all(("centreline_f1" in r) == (r["prompt"] == "left lung") for r in rows)

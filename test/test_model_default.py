@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fluorosam_common.paths import default_model_dir
+from fluorosam_common.vocabulary import Vocabulary
 from training.model import load_checkpoint
-from training.vocabulary import Vocabulary
 
 MODEL_DIR = default_model_dir()
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(),

@@ -1,4 +1,5 @@
 """Node core: messages, parameters, prompt syntax, latest-frame slot, outputs and diagnostics (in-process)."""
+import json
 import logging
 import threading
 import time
@@ -307,3 +308,16 @@ def test_error_log_is_throttled_per_kind_with_the_number_held_back(caplog):
     assert len(lines) == 3, lines
     assert "2999 more 'prompt rejected' suppressed" in lines[1] and lines[2].startswith("malformed zmq")
     assert core.counts["bad_prompts"] == 3001 and len(sent) == 3002  # every one still reaches diagnostics
+
+
+def test_a_device_tip_reaches_the_results_json():
+    from fluorosam_ros.core import Detection, FrameOutput
+
+    mask = np.zeros((8, 8), bool)
+    mask[2, :6] = True
+    tool = Detection.from_result(1, PromptResult("guidewire", mask, 0.8, False, "", 6, (0, 2, 5, 2), (2.5, 2.0),
+                                                 (5.0, 2.0)))
+    organ = Detection.from_result(2, PromptResult("heart", mask, 0.8, False, "", 6, (0, 2, 5, 2), (2.5, 2.0)))
+    out = FrameOutput(Header(1, 2, "c"), numpy_to_image(mask.astype(np.uint8)), [tool, organ], None, 1.0, False)
+    detections = json.loads(out.results_json())["detections"]
+    assert detections[0]["tip"] == [5.0, 2.0] and detections[1]["tip"] is None

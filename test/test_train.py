@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from mini_model import MINI, record_decodes
 from torch.utils.data import Dataset
 
+from fluorosam_common.vocabulary import Vocabulary
 from training.losses import multimask_loss
 from training.model import FluoroSAM, load_checkpoint, save_checkpoint
 from training.train import (
@@ -21,7 +22,6 @@ from training.train import (
     sample_prompts,
     with_deepest_clicks,
 )
-from training.vocabulary import Vocabulary
 
 CLASSES = ["left lung", "right lung", "heart", "liver"]
 

@@ -73,12 +73,16 @@ def test_string_detections_diagnostics_cdr_bytes_equal_rosbags():
     mask = numpy_to_image(np.zeros((4, 4), np.uint8), header=Header(3, 4, "c"))
     output = FrameOutput(Header(3, 4, "c"), mask, [
         Detection(1, "heart", 0.8, False, "", 9, (0, 1, 2, 3), (1.0, 2.0)),
+        Detection(3, "guidewire", 0.7, False, "", 5, (4, 1, 8, 2), (6.0, 1.5), (8.0, 2.0)),
         Detection(2, "banana", 0.0, True, "out_of_vocabulary", 0, None, None)], None, 5.0, False)
     ours = dds.detections_to_dds(output).serialize()
     assert ours == rt.serialize(rt.detections_to_ros(output), rt.DETECTIONS)
     decoded = rt.deserialize(ours, rt.DETECTIONS)
-    assert [d.id for d in decoded.detections] == ["1", "2:out_of_vocabulary"]
+    assert [d.id for d in decoded.detections] == ["1", "3", "2:out_of_vocabulary"]
     assert decoded.detections[0].bbox.size_x == 3.0 and decoded.detections[0].results[0].pose.pose.position.z == 9
+    assert len(decoded.detections[0].results) == 1  # the tip hypothesis exists only for a device with a tip
+    tip = decoded.detections[1].results[1]
+    assert tip.hypothesis.class_id == "tip" and (tip.pose.pose.position.x, tip.pose.pose.position.y) == (8.0, 2.0)
     diag = Diagnostics(1, "stale input", {"fps": "0.00", "backend": "torch"})
     assert dds.diagnostics_to_dds(diag, 42).serialize() == rt.serialize(rt.diagnostics_to_ros(diag, 42), rt.DIAGNOSTICS)
 

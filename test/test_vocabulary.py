@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from fluorosam_common.prompts import normalize_prompt
-from training.vocabulary import Vocabulary
+from fluorosam_common.vocabulary import Vocabulary
 
 REQUIRED = ["left lung", "right lung", "trachea", "endotracheal tube", "nasogastric tube", "central venous catheter",
             "guidewire", "catheter", "k-wire", "pedicle screw", "needle", "plate", "heart", "liver", "spine", "ribs",

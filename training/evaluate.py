@@ -33,6 +33,7 @@ from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
 from fluorosam_common.frames import postprocess_masks, preprocess, refusal_reason
+from fluorosam_common.thin import CENTRELINE_TOLERANCE_PX, centreline_scores, tip_error_px
 
 if TYPE_CHECKING:  # the model stays unimported for `fluorosam compare`
     from training.model.text import TextEncoding
@@ -43,6 +44,7 @@ MIN_SCORE_USEFUL_IOU = 0.5  # min_score separates masks with IoU >= this from wo
 LARGEST_K = 15
 RECORDS_FILE = "records.jsonl"  # one row per item, prompt and click count: what `fluorosam compare` pairs
 RECORD_FIELDS = ("iou", "dice", "score", "hit_px", "pred_px", "gt_px")
+DEVICE_FIELDS = ("centreline_precision", "centreline_recall", "centreline_f1", "tip_error_px")
 OVERLAY_FIRST = ("left lung", "right lung", "heart")
 
 
@@ -242,10 +244,18 @@ class TorchPredictor:
 
 
 # ------------------------------------------------------------------------------------- evaluation
+def device_scores(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """A device's record fields beside IoU: centreline precision / recall / F1 within the tolerance and the
+    tip error in pixels (fluorosam_common.thin; None where undefined, e.g. no predicted centreline)."""
+    scores = centreline_scores(pred, gt)
+    return {f"centreline_{k}": v for k, v in scores.items()} | {"tip_error_px": tip_error_px(pred, gt)}
+
+
 def evaluate_items(predictor: Predictor, items, point_counts: list[int],
                    paraphrases: dict[str, list[str]] | None = None, overlay_limit: int = 0,
-                   show_progress: bool = True) -> dict:
-    """Run the protocol over items; returns raw records (aggregate them with :func:`summarize`)."""
+                   show_progress: bool = True, device_prompts: frozenset[str] = frozenset()) -> dict:
+    """Run the protocol over items; returns raw records (aggregate them with :func:`summarize`). Prompts in
+    ``device_prompts`` (the vocabulary's tools) also get :func:`device_scores`."""
     max_points = max(point_counts)
     records: dict[int, list[dict]] = {k: [] for k in point_counts}
     paraphrase_records: list[dict] = []
@@ -276,6 +286,8 @@ def evaluate_items(predictor: Predictor, items, point_counts: list[int],
                     record = {"item": item.id, "prompt": prompt, **mask_overlap(pred, gt), "score": float(score)}
                     if candidates is not None:
                         record["best_of_k_iou"] = max(mask_iou(c, gt) for c in candidates[k])
+                    if prompt in device_prompts:
+                        record.update(device_scores(pred, gt))
                     records[round_index].append(record)
             if round_index == 0 and len(overlays) < overlay_limit:
                 overlays.append({"id": item.id, "image": item.image, "prompts": prompts, "gts": gts, "preds": preds})
@@ -317,6 +329,10 @@ def _aggregate(rows: list[dict], key: str = "prompt") -> dict:
                            "misses": _placement_shares(group, "fn", gt_px - hit)}
         if all("best_of_k_iou" in r for r in group):
             per_class[name]["best_of_k_iou"] = float(np.mean([r["best_of_k_iou"] for r in group]))
+        if all("centreline_f1" in r for r in group):  # a device: means over the items where each is defined
+            for field in DEVICE_FIELDS:
+                values = [r[field] for r in group if r[field] is not None]
+                per_class[name][field] = float(np.mean(values)) if values else None
     out = {"mean_iou": float(np.mean([v["iou"] for v in per_class.values()])) if per_class else float("nan"),
            "mean_dice": float(np.mean([v["dice"] for v in per_class.values()])) if per_class else float("nan"),
            "per_class": per_class}
@@ -479,6 +495,21 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
         for name in largest:
             row = metrics["points"][first]["per_class"][name]
             lines.append(f"| {name} | {shares(row['false_positives'])} | {shares(row['misses'])} |")
+    devices = [name for name in classes if "centreline_f1" in metrics["points"][first]["per_class"][name]]
+    if devices:
+        lines += ["", f"Devices: centreline precision / recall / F1 within {CENTRELINE_TOLERANCE_PX:g} px (skeletons "
+                  "matched within the tolerance) and tip error in pixels (tip: the centreline end farthest from where "
+                  "the device enters the frame), means over the items where each is defined.", "",
+                  "| device | " + " | ".join(f"{c} pt: precision / recall / F1, tip px" for c in counts) + " |",
+                  "|---|" + "---|" * len(counts)]
+        for name in devices:
+            cells = []
+            for c in counts:
+                row = metrics["points"][c]["per_class"][name]
+                tip = "-" if row["tip_error_px"] is None else f"{row['tip_error_px']:.1f}"
+                cells.append(" / ".join(fraction(row[f"centreline_{k}"]) for k in ("precision", "recall", "f1"))
+                             + f", {tip}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("| mean Dice | " + " | ".join(f"{c} pt: {metrics['points'][c]['mean_dice']:.3f}" for c in counts)
                  + " |")
@@ -590,7 +621,7 @@ def write_records(records: dict[int, list[dict]], path: Path) -> None:
         for points, rows in sorted(records.items()):
             for row in rows:
                 f.write(json.dumps({"points": points, "item": row["item"], "prompt": row["prompt"],
-                                    **{k: row[k] for k in RECORD_FIELDS}}) + "\n")
+                                    **{k: row[k] for k in (*RECORD_FIELDS, *DEVICE_FIELDS) if k in row}}) + "\n")
 
 
 def summary_for_model_json(metrics: dict) -> dict:
@@ -621,9 +652,9 @@ def _spread(values: list, k: int) -> list:
 
 def main(args: argparse.Namespace) -> int:
     from fluorosam_common.paths import default_model_dir
+    from fluorosam_common.vocabulary import Vocabulary
     from training.model import load_checkpoint
     from training.model.checkpoint import META_FILE
-    from training.vocabulary import Vocabulary
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -650,7 +681,9 @@ def main(args: argparse.Namespace) -> int:
         paraphrases = {name: _spread(vocabulary.heldout_phrases(name), args.paraphrases_per_class)
                        for name in vocabulary.names}
     items = load_eval_items(args.eval_set, args.classes, args.max_items)
-    raw = evaluate_items(predictor, items, point_counts, paraphrases, overlay_limit=args.overlays)
+    devices = frozenset(c.name for c in vocabulary.classes if c.kind == "tool")
+    raw = evaluate_items(predictor, items, point_counts, paraphrases, overlay_limit=args.overlays,
+                         device_prompts=devices)
     oov_flags = predictor.refused(vocabulary.oov_examples) if vocabulary.oov_examples else []
     in_vocab = [p for name in vocabulary.names for p in [name, *vocabulary.heldout_phrases(name)]]
     # The node's score gate: this eval set's calibration when asked for, else the model's own.

@@ -37,13 +37,13 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from fluorosam_common.frames import letterbox, normalize, window
+from fluorosam_common.vocabulary import Vocabulary
 from training.evaluate import next_click
 from training.losses import mask_iou, multimask_loss, supervised_contrastive_loss
 from training.model import FluoroSAM, get_config, load_checkpoint, save_checkpoint
 from training.model.checkpoint import checkpoint_provenance
 from training.model.config import FluoroSAMConfig
 from training.model.fluorosam import answers_with_single_mask
-from training.vocabulary import Vocabulary
 
 TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"

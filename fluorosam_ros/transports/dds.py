@@ -244,7 +244,11 @@ def _detection_to_dds(header: Header_, d: Detection) -> Detection2D_:
         centre, size = ((x0 + x1) / 2.0, (y0 + y1) / 2.0), (float(x1 - x0 + 1), float(y1 - y0 + 1))
     else:
         centre, size = (0.0, 0.0), (0.0, 0.0)
-    return Detection2D_(header, [ObjectHypothesisWithPose_(ObjectHypothesis_(d.prompt, float(d.score)), pose)],
+    results = [ObjectHypothesisWithPose_(ObjectHypothesis_(d.prompt, float(d.score)), pose)]
+    if d.tip is not None:
+        tip = PoseWithCovariance_(Pose_(Point_(float(d.tip[0]), float(d.tip[1]), 0.0), Quaternion_()), [0.0] * 36)
+        results.append(ObjectHypothesisWithPose_(ObjectHypothesis_("tip", float(d.score)), tip))
+    return Detection2D_(header, results,
                         BoundingBox2D_(Pose2D_(Point2D_(*centre), 0.0), *size),
                         f"{d.label}:{d.reason}" if d.refused else str(d.label))
 

@@ -47,6 +47,11 @@ def _detection(header, d: Detection) -> Detection2D:
     position = hypothesis.pose.pose.position
     position.x, position.y, position.z = float(cx), float(cy), float(d.area)
     det.results = [hypothesis]
+    if d.tip is not None:
+        tip = ObjectHypothesisWithPose()
+        tip.hypothesis.class_id, tip.hypothesis.score = "tip", float(d.score)
+        tip.pose.pose.position.x, tip.pose.pose.position.y = float(d.tip[0]), float(d.tip[1])
+        det.results.append(tip)
     bbox = BoundingBox2D()
     if d.bbox is not None:
         x0, y0, x1, y1 = d.bbox

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     from fluorosam_common.frames import window
-    from training.vocabulary import Vocabulary
+    from fluorosam_common.vocabulary import Vocabulary
 
     from .ct import load_ct
     from .geometry import CArmPose

@@ -75,7 +75,7 @@ def _worker_context(job: ShardJob):
     """CT and class masker for this process, loaded once and reused by later jobs on the same CT."""
     import torch
 
-    from training.vocabulary import Vocabulary
+    from fluorosam_common.vocabulary import Vocabulary
 
     from .ct import load_ct
     from .render import ClassMasker
@@ -152,7 +152,7 @@ def render_dataset(cts: list[CTSpec], out: str | Path, views: int, size: int, se
     """Render ``views`` views of each CT into shards under ``out``; returns the final manifest."""
     from tqdm import tqdm
 
-    from training.vocabulary import Vocabulary
+    from fluorosam_common.vocabulary import Vocabulary
 
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.vocabulary import Vocabulary
+from fluorosam_common.vocabulary import Vocabulary
 
 from .render import apply_hiding, hiding_plan
 from .shards import read_manifest, unpack_masks, write_manifest, write_shard

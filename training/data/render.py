@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.vocabulary import Vocabulary
+from fluorosam_common.vocabulary import Vocabulary
 
 from .ct import CTVolume, render_line_integrals
 from .geometry import CArmPose, camera, sample_pose
