@@ -20,6 +20,7 @@ setup(
         ("share/" + PACKAGE, ["package.xml"]),
         ("share/" + PACKAGE + "/launch", glob("launch/*.launch.py")),
         ("share/" + PACKAGE + "/config", glob("config/*.yaml")),
+        ("share/" + PACKAGE + "/config/bodies", glob("config/bodies/*.yaml")),
         # The default model's weights and record only (not its eval/ reports): colcon copies files, not folders.
         ("share/" + PACKAGE + "/models/fluorosam-tiny", [DEFAULT_MODEL + "/model.json",
                                                         DEFAULT_MODEL + "/model.safetensors"]),

@@ -33,10 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     relabel.add_argument("--out", required=True, help="new shard folder to write")
     relabel.add_argument("--vocabulary", default=None, help="vocabulary YAML (default config/vocabulary.yaml)")
 
+    mapped = sub.add_parser("map-labels", help="rewrite another source's label map with TotalSegmentator ids "
+                                               "(config/bodies/*.yaml), so that render takes it")
+    mapped.add_argument("--labels", required=True, help="the source's label map (NIfTI)")
+    mapped.add_argument("--names", required=True, help='JSON naming its ids: {"labels": {"1": "liver", ...}}')
+    mapped.add_argument("--mapping", required=True, help="body mapping YAML, e.g. config/bodies/ircad.yaml")
+    mapped.add_argument("--out", required=True, help="mapped label map to write (NIfTI)")
+
     export = sub.add_parser("export-evalset", help="write rendered views in the eval-set format")
     export.add_argument("--data", required=True, help="rendered shard folder")
     export.add_argument("--out", required=True, help="eval-set folder to write")
     export.add_argument("--classes", nargs="+", default=None, help="class names to export (default: all present)")
+    export.add_argument("--known-classes", default=None, metavar="MAPPING",
+                        help="export only the classes a body mapping can judge (its known_classes)")
     export.add_argument("--ct-ids", nargs="+", default=None, help="only these CTs (use held-out CTs)")
     export.add_argument("--max-items", type=int, default=None)
 
@@ -72,10 +81,21 @@ def main(args: argparse.Namespace) -> int:
         manifest = relabel_dataset(args.data, args.out, vocabulary=args.vocabulary)
         print(f"{len(manifest['items'])} views relabelled -> {args.out}")
         return 0
+    if args.action == "map-labels":
+        from .bodies import map_labels
+
+        print(f"-> {map_labels(args.labels, args.names, args.mapping, args.out)}")
+        return 0
     if args.action == "export-evalset":
         from .evalset import export_evalset
 
-        manifest = export_evalset(args.data, args.out, classes=args.classes, ct_ids=args.ct_ids,
+        classes = args.classes
+        if args.known_classes:
+            from .bodies import load_mapping
+
+            known = load_mapping(args.known_classes).get("known_classes", [])
+            classes = [c for c in classes if c in known] if classes else known
+        manifest = export_evalset(args.data, args.out, classes=classes, ct_ids=args.ct_ids,
                                   max_items=args.max_items)
         print(f"{len(manifest['items'])} images -> {args.out}")
         return 0

@@ -1,0 +1,51 @@
+"""Bodies from other sources: a label map rewritten with TotalSegmentator ids, unknown labels kept unknown."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fluorosam_common.paths import config_path
+from training.data.bodies import load_mapping, map_label_grid, map_labels
+
+IRCAD_NAMES = {1: "skin", 2: "liver", 3: "bone", 4: "rightlung", 5: "leftlung", 6: "leftkidney", 7: "spleen",
+               8: "rightkidney", 9: "venoussystem", 10: "artery", 11: "portalvein"}
+
+
+def test_ircad_mapping_keeps_laterality_and_leaves_unlabelled_structures_unknown():
+    mapping = load_mapping(config_path("bodies/ircad.yaml"))
+    grid = np.arange(12).reshape(3, 4)  # every IRCAD id once (0 = outside)
+    mapped = map_label_grid(grid, IRCAD_NAMES, mapping)
+    by_name = {IRCAD_NAMES[i]: int(mapped.flat[i]) for i in IRCAD_NAMES}
+    assert by_name["liver"] == 5 and by_name["spleen"] == 1
+    assert (by_name["leftkidney"], by_name["rightkidney"]) == (3, 2)  # TotalSegmentator: 2 right, 3 left
+    assert by_name["leftlung"] in (10, 11) and by_name["rightlung"] in (12, 13, 14)
+    assert by_name["skin"] == by_name["bone"] == by_name["artery"] == 0  # unknown, not a class
+    assert "ribs" not in mapping["known_classes"] and "left lung upper lobe" not in mapping["known_classes"]
+
+
+def test_a_mapping_that_claims_a_class_it_cannot_label_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("labels: {liver: 5}\nknown_classes: [liver, spleen]\n")
+    with pytest.raises(ValueError, match="spleen"):
+        load_mapping(bad)
+    with pytest.raises(ValueError, match="does not have"):
+        map_label_grid(np.zeros((2, 2), int), {1: "hepar"}, load_mapping(config_path("bodies/ircad.yaml")))
+
+
+def test_map_labels_writes_the_same_grid_and_affine(tmp_path):
+    import nibabel as nib
+
+    grid = np.zeros((6, 5, 4), np.uint8)
+    grid[1:3, 1:3, 1:3] = 2  # liver
+    grid[4, 4, 3] = 3  # bone
+    affine = np.diag([0.5, 0.5, 1.6, 1.0])
+    nib.save(nib.Nifti1Image(grid, affine), str(tmp_path / "labels.nii.gz"))
+    (tmp_path / "labels.json").write_text(json.dumps({"labels": {str(k): v for k, v in IRCAD_NAMES.items()}}))
+    out = map_labels(tmp_path / "labels.nii.gz", tmp_path / "labels.json", config_path("bodies/ircad.yaml"),
+                     tmp_path / "mapped.nii.gz")
+    image = nib.load(str(out))
+    mapped = np.asarray(image.dataobj)
+    assert np.allclose(image.affine, affine) and mapped.shape == grid.shape
+    assert set(np.unique(mapped)) == {0, 5} and (mapped == 5).sum() == 8
