@@ -49,3 +49,35 @@ def test_map_labels_writes_the_same_grid_and_affine(tmp_path):
     mapped = np.asarray(image.dataobj)
     assert np.allclose(image.affine, affine) and mapped.shape == grid.shape
     assert set(np.unique(mapped)) == {0, 5} and (mapped == 5).sum() == 8
+
+
+def test_an_icrp_phantom_becomes_a_ras_pseudo_ct_with_its_sides_kept(tmp_path):
+    """A 4-column toy phantom: the patient's right lung in the first columns (the ICRP column order runs from
+    the patient's right to left) must land at +x (RAS), the left lung at -x, with densities as HU."""
+    import nibabel as nib
+
+    from training.data.bodies import phantom_to_nifti
+
+    organ_id = np.zeros((3, 2, 4), np.uint8)  # (slices toes -> vertex, rows anterior -> posterior, columns R -> L)
+    organ_id[:, :, 0] = 99  # Lung, right, tissue
+    organ_id[:, :, 3] = 97  # Lung, left, tissue
+    organ_id[2, 0, 1] = 95  # Liver, top slice, front row
+    np.savez(tmp_path / "toy.npz", organ_id=organ_id, voxel_mm=np.array([2.0, 2.0, 8.0]))
+    used = {95: ("Liver", 1.05), 97: ("Lung, left, tissue", 0.382), 99: ("Lung, right, tissue", 0.382)}
+    others = [n for n in load_mapping(config_path("bodies/icrp110.yaml"))["labels"] if n not in
+              {name for name, _ in used.values()}]  # the real table names every mapped organ: so does the toy
+    rows = [f"{k}    {name}    40    {rho:.3f}" for k, (name, rho) in used.items()]
+    rows += [f"{150 + i}    {name}    40    1.000" for i, name in enumerate(others)]
+    (tmp_path / "organs.dat").write_text("Organs\n\nOrgan Organ Tissue Density\nID number\n" + "\n".join(rows) + "\n")
+    ct_path, labels_path = phantom_to_nifti(tmp_path / "toy.npz", tmp_path / "organs.dat",
+                                            config_path("bodies/icrp110.yaml"), tmp_path / "out")
+    ct, labels = nib.load(str(ct_path)), nib.load(str(labels_path))
+    assert nib.aff2axcodes(ct.affine) == ("R", "A", "S") and ct.shape == (4, 2, 3)
+    hu, ids = np.asarray(ct.dataobj), np.asarray(labels.dataobj)
+    x_of_column = [nib.affines.apply_affine(ct.affine, (i, 0, 0))[0] for i in range(4)]
+    right_column = int(np.argmax(x_of_column))  # RAS: +x is the patient's right
+    assert (ids[right_column] == 12).all() and (ids[int(np.argmin(x_of_column))] == 10).all()
+    assert hu[right_column, 0, 0] == -618 and hu.min() == -1000  # 1000 (0.382 - 1); air outside the body
+    liver = np.argwhere(ids == 5)
+    assert len(liver) == 1 and nib.affines.apply_affine(ct.affine, liver[0])[2] == max(
+        nib.affines.apply_affine(ct.affine, (0, 0, k))[2] for k in range(3))  # the top slice is the highest z

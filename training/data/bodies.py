@@ -63,3 +63,50 @@ def map_labels(labels: str | os.PathLike, names: str | os.PathLike, mapping_path
     out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(mapped, image.affine, image.header), str(out))
     return out
+
+
+def read_organ_table(path: str | os.PathLike) -> dict[int, tuple[str, float]]:
+    """ICRP-110 ``<phantom>_organs.dat``: organ id -> (name, density g/cm3)."""
+    import re
+
+    row = re.compile(r"^(\d+)\s+(.+?)\s+(\d+)\s+([\d.]+)\s*$")
+    table = {}
+    for line in Path(path).read_text(errors="replace").splitlines():
+        match = row.match(line.strip())
+        if match:
+            table[int(match.group(1))] = (match.group(2).strip(), float(match.group(4)))
+    if not table:
+        raise ValueError(f"{path}: no organ rows (id, name, tissue number, density)")
+    return table
+
+
+def phantom_to_nifti(phantom: str | os.PathLike, organs: str | os.PathLike, mapping_path: str | os.PathLike,
+                     out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """An ICRP-110 voxel phantom as the renderer's inputs: ``ct.nii.gz`` and ``labels.nii.gz`` in ``out_dir``.
+
+    The CT is a pseudo-CT: each organ's density as Hounsfield units, 1000 (rho / rho_water - 1), constant per
+    organ (the phantom has no texture), air -1000. The phantom's array runs (slices toes -> vertex, rows anterior ->
+    posterior, columns patient's right -> left); the NIfTI grid is (x, y, z) with a RAS+ affine, so the body is
+    oriented as a CT is, and the labels are the mapping's TotalSegmentator ids.
+    """
+    import nibabel as nib
+
+    mapping = load_mapping(mapping_path)
+    table = read_organ_table(organs)
+    data = np.load(str(phantom))
+    ids = np.asarray(data["organ_id"]).transpose(2, 1, 0)  # (columns, rows, slices) = (x, y, z) voxel order
+    dx, dy, dz = (float(v) for v in data["voxel_mm"])  # column, row, slice spacing
+    density = np.zeros(int(ids.max()) + 1, np.float32)  # id 0: air outside the body
+    for organ_id, (_, rho) in table.items():
+        if organ_id < density.size:
+            density[organ_id] = rho
+    hu = np.clip(1000.0 * (density[ids] - 1.0), -1000, 3000).astype(np.int16)
+    labels = map_label_grid(ids.astype(np.int64), {k: name for k, (name, _) in table.items()}, mapping)
+    # Column index runs to the patient's left (-x in RAS), row index to the back (-y), slice index up (+z).
+    affine = np.diag([-dx, -dy, dz, 1.0])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Stored in canonical RAS+ voxel order, as CTs from scanners and TotalSegmentator usually are.
+    nib.save(nib.as_closest_canonical(nib.Nifti1Image(hu, affine)), str(out / "ct.nii.gz"))
+    nib.save(nib.as_closest_canonical(nib.Nifti1Image(labels, affine)), str(out / "labels.nii.gz"))
+    return out / "ct.nii.gz", out / "labels.nii.gz"

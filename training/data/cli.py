@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mapped.add_argument("--mapping", required=True, help="body mapping YAML, e.g. config/bodies/ircad.yaml")
     mapped.add_argument("--out", required=True, help="mapped label map to write (NIfTI)")
 
+    phantom = sub.add_parser("phantom", help="an ICRP-110 voxel phantom as a pseudo-CT + label map for render")
+    phantom.add_argument("--phantom", required=True, help="AM.npz or AF.npz (organ_id array, voxel_mm)")
+    phantom.add_argument("--organs", required=True, help="its <phantom>_organs.dat (names and densities)")
+    phantom.add_argument("--mapping", default=None, help="body mapping YAML (default config/bodies/icrp110.yaml)")
+    phantom.add_argument("--out", required=True, help="folder for ct.nii.gz and labels.nii.gz")
+
     export = sub.add_parser("export-evalset", help="write rendered views in the eval-set format")
     export.add_argument("--data", required=True, help="rendered shard folder")
     export.add_argument("--out", required=True, help="eval-set folder to write")
@@ -85,6 +91,15 @@ def main(args: argparse.Namespace) -> int:
         from .bodies import map_labels
 
         print(f"-> {map_labels(args.labels, args.names, args.mapping, args.out)}")
+        return 0
+    if args.action == "phantom":
+        from fluorosam_common.paths import config_path
+
+        from .bodies import phantom_to_nifti
+
+        ct, labels = phantom_to_nifti(args.phantom, args.organs, args.mapping or config_path("bodies/icrp110.yaml"),
+                                      args.out)
+        print(f"-> {ct}, {labels}")
         return 0
     if args.action == "export-evalset":
         from .evalset import export_evalset
