@@ -215,7 +215,8 @@ def build_text_table(model, vocabulary=None, phrases: list[str] | None = None, b
     """Every training phrase of the vocabulary (or the given phrases), normalized -> token and OOV scores."""
     from tqdm import tqdm
 
-    from fluorosam_common.vocabulary import Vocabulary, normalize_prompt
+    from fluorosam_common.prompts import normalize_prompt
+    from fluorosam_common.vocabulary import Vocabulary
 
     vocabulary = vocabulary or Vocabulary.load()
     if phrases is None:

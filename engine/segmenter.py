@@ -188,7 +188,7 @@ class Segmenter:
         self._text_table = self._load_text_table()
         self._text_graph = self._load_text_graph(export_meta)
         self._vocabulary = Vocabulary.load()
-        self._is_tool: dict[str, bool] = {}
+        self._tool_classes = {c.name for c in self._vocabulary.classes if c.kind == "tool"}
 
     # ------------------------------------------------------------------------------- construction
     @property
@@ -269,7 +269,8 @@ class Segmenter:
             return None
         for folder in self._engine_dirs(engine_dir):
             fp16 = folder / "onnx-fp16"  # FP16 plans of an FP32 export are keyed to its conversion
-            if any(find_engines(d, folder) is not None for d in (self.onnx_dir, fp16) if (d / "export.json").exists()):
+            exports = [d for d in (self.onnx_dir, fp16) if (d / EXPORT_META_FILE).exists()]
+            if any(find_engines(d, folder) is not None for d in exports):
                 return folder
         return None
 
@@ -352,13 +353,9 @@ class Segmenter:
         return encoding.tokens.float().cpu().numpy(), encoding.oov.cpu().numpy()
 
     def _names_a_tool(self, text: str) -> bool:
-        """Whether the vocabulary resolves the prompt to a tool class (then its result carries the tip)."""
-        if text not in self._is_tool:
-            if len(self._is_tool) >= self._text_cache_size:
-                self._is_tool.clear()
-            name = self._vocabulary.lookup(text)
-            self._is_tool[text] = name is not None and self._vocabulary.get(name).kind == "tool"
-        return self._is_tool[text]
+        """Whether the vocabulary resolves the prompt to a tool class (then its result carries the tip); a
+        lookup costs microseconds, so it is not cached."""
+        return self._vocabulary.lookup(text) in self._tool_classes
 
     def _remember(self, key: str, value) -> None:
         self._text_cache[key] = value

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.export_format import TEXT_INPUTS
+
 
 def load_tokenizer(path: str | os.PathLike, max_length: int, pad_id: int):
     """The tokenizer with sentence-transformers' settings: truncate to ``max_length``, pad to the longest."""
@@ -34,21 +36,18 @@ def tokenize(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 class OnnxTextEncoder:
     """``encode(texts) -> (tokens float32 (N, 256), oov bool (N,))`` from an export folder's text graph."""
 
-    def __init__(self, onnx_dir: str | os.PathLike, record: dict, threads: int | None = None) -> None:
+    def __init__(self, onnx_dir: str | os.PathLike, record: dict) -> None:
         import onnxruntime as ort
-
-        from engine.export_format import TEXT_INPUTS
 
         onnx_dir = Path(onnx_dir)
         self.tokenizer = load_tokenizer(onnx_dir / record["tokenizer"], record["max_length"], record["pad_id"])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or 1)
+        options.intra_op_num_threads = 1  # a prompt is encoded once (then cached): no thread pool for it
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_dir / record["graph"]), options,
                                             providers=["CPUExecutionProvider"])
-        self._inputs = TEXT_INPUTS
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = tokenize(self.tokenizer, texts)
-        tokens, _, _, _, oov = self.session.run(None, dict(zip(self._inputs, (ids, mask))))
+        tokens, _, _, _, oov = self.session.run(None, dict(zip(TEXT_INPUTS, (ids, mask))))
         return tokens.astype(np.float32), oov.astype(bool)

@@ -1,5 +1,5 @@
-"""The bottom layer: what training, engine and node share, in numpy and the standard library only.
+"""The bottom layer: what training, engine and node share (frames, prompts, vocabulary, devices, files, paths).
 
-Nothing here imports torch, the model, the engine or the node, so every layer can import it and no
-import circle can form (test/test_layers.py checks both).
+Nothing here imports torch, the model, the engine or the node (numpy, yaml, scipy, scikit-image and OpenCV
+only), so every layer can import it and no import circle can form (test/test_layers.py checks both).
 """

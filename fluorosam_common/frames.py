@@ -184,8 +184,8 @@ def postprocess_masks(logits: np.ndarray, geo: Letterbox) -> np.ndarray:
     # Two plain GEMMs (a broadcast batch matmul takes numpy's slow path): rows, then columns.
     cropped = ((rows @ logits).reshape(k * geo.scaled_h, w) @ cols_t).reshape(k, geo.scaled_h, geo.scaled_w)
     out = np.empty((k, geo.orig_h, geo.orig_w), np.float32)
-    for k, mask in enumerate(cropped):
-        out[k] = cv2.resize(mask, (geo.orig_w, geo.orig_h), interpolation=cv2.INTER_LINEAR)
+    for i, mask in enumerate(cropped):
+        out[i] = cv2.resize(mask, (geo.orig_w, geo.orig_h), interpolation=cv2.INTER_LINEAR)
     return out
 
 

@@ -31,6 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     out = publish(args.model, args.out)
-    size = os.path.getsize(Path(args.model) / "model.safetensors") / 1e6
-    print(f"{out}: {os.path.getsize(out / 'model.safetensors') / 1e6:.1f} MB compact (from {size:.1f} MB)")
+    size = os.path.getsize(Path(args.model) / WEIGHTS_FILE) / 1e6
+    print(f"{out}: {os.path.getsize(out / WEIGHTS_FILE) / 1e6:.1f} MB compact (from {size:.1f} MB)")
     return 0
