@@ -4,10 +4,12 @@ Two image-side graphs, as segment-anything's ONNX export does it: export-only wr
 data-dependent control flow and fixed shapes except the prompt count K (and the point count P):
 
 * ``image_encoder.onnx``: image (1, 1, S, S) normalized -> image_embedding (1, 256, h, w) and, for
-  models with high-resolution features, high_res_2x (1, 64, 2h, 2w) and high_res_4x (1, 32, 4h, 4w)
+  models with high-resolution features, high_res_2x (1, 64, 2h, 2w) and high_res_4x (1, 32, 4h, 4w), and for
+  models with the fine path, fine_stride2 (1, 16, S/2, S/2) and fine_input (1, 8, S, S)
 * ``prompt_decoder.onnx``: the encoder's outputs, text_tokens (K, 256), point_coords (K, P, 2)
   model-input pixels, point_labels (K, P) float (1 positive, 0 negative, -1 padding), mask_input
-  (K, 1, 4h, 4w) logits, has_mask_input (K, 1) -> masks (K, 4h, 4w) chosen-mask logits, scores (K,) its
+  (K, 1, m, m) logits, has_mask_input (K, 1) -> masks (K, m, m) chosen-mask logits (m = 4w, or S with the
+  fine path), scores (K,) its
   predicted IoU, iou_predictions (K, 3) of the multimask output. The mask is chosen inside the graph by
   ``training.model.fluorosam.choose_output``: the single-mask token for prompts with at least the model's
   ``single_mask_min_points`` clicks (or with none, for a model with ``single_mask_text_only``), else the
@@ -110,9 +112,11 @@ class PromptDecoderExport(nn.Module):
         self.mask_decoder = with_channel_layernorm(model.mask_decoder)
         self.input_size = float(config.image_size)
         self.num_embeddings = len(embedding_shapes(config))
-        from training.model.fluorosam import choose_output  # the output rule evaluation uses too
+        from training.model.fluorosam import choose_output, prompt_mask  # the rules evaluation uses too
 
         self._choose_output = choose_output
+        self._prompt_mask = prompt_mask
+        self.config = config
         self.single_mask_min_points = config.single_mask_min_points
         self.single_mask_text_only = config.single_mask_text_only
         # The dense positional encoding depends only on the grid size: a constant of the graph.
@@ -137,7 +141,7 @@ class PromptDecoderExport(nn.Module):
         text_tokens, point_coords, point_labels, mask_input, has_mask_input = inputs[self.num_embeddings:]
         sparse = torch.cat([text_tokens[:, None, :], self._embed_points(point_coords, point_labels)], dim=1)
         has_mask = has_mask_input[:, :, None, None]
-        dense = (self.prompt_encoder.mask_downscaling(mask_input) * has_mask
+        dense = (self.prompt_encoder.mask_downscaling(self._prompt_mask(mask_input, self.config)) * has_mask
                  + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1) * (1 - has_mask))
         masks, iou_predictions = self.mask_decoder.predict_masks(
             image_embeddings=image_embedding, image_pe=self.image_pe,

@@ -22,7 +22,8 @@ OPSET = 17  # LayerNormalization is a single op from 17 on, which TensorRT 10 ma
 # 2: the encoder's outputs are listed in export.json; 3: the text side is exported too (text graph + tokenizer)
 EXPORT_FORMAT_VERSION = 3
 ENCODER_INPUTS = ["image"]
-EMBEDDING_NAMES = ["image_embedding", "high_res_2x", "high_res_4x"]  # high-res: relative to the embedding grid
+# high-res: relative to the embedding grid; fine: the stride-2 and input-resolution maps of the fine path
+EMBEDDING_NAMES = ["image_embedding", "high_res_2x", "high_res_4x", "fine_stride2", "fine_input"]
 PROMPT_INPUTS = ["text_tokens", "point_coords", "point_labels", "mask_input", "has_mask_input"]
 DECODER_OUTPUTS = ["masks", "scores", "iou_predictions"]
 TEXT_INPUTS = ["input_ids", "attention_mask"]

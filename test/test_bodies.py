@@ -81,3 +81,26 @@ def test_an_icrp_phantom_becomes_a_ras_pseudo_ct_with_its_sides_kept(tmp_path):
     liver = np.argwhere(ids == 5)
     assert len(liver) == 1 and nib.affines.apply_affine(ct.affine, liver[0])[2] == max(
         nib.affines.apply_affine(ct.affine, (0, 0, k))[2] for k in range(3))  # the top slice is the highest z
+
+
+def test_a_pair_labelled_as_one_organ_splits_at_its_own_midline():
+    """ICRP-110 labels both femora as one organ: the sided mapping entry gives each half of the pair its side,
+    split at the pair's centroid along the patient-left axis (wherever the body sits in the grid)."""
+    mapping = {"labels": {"Femora, upper half, cortical": {"left": 75, "right": 76}, "Liver": 5}}
+    grid = np.zeros((10, 3), int)
+    grid[2:4, :] = 7  # the femur nearer index 0 (the patient's right when the axis runs to the left)
+    grid[7:9, :] = 7
+    grid[5, 1] = 3  # liver, off the pair's midline
+    names = {7: "Femora, upper half, cortical", 3: "Liver"}
+    mapped = map_label_grid(grid, names, mapping, left_axis=(0, 1))
+    assert (mapped[2:4] == 76).all() and (mapped[7:9] == 75).all() and mapped[5, 1] == 5
+    flipped = map_label_grid(grid, names, mapping, left_axis=(0, -1))
+    assert (flipped[2:4] == 75).all() and (flipped[7:9] == 76).all()
+    with pytest.raises(ValueError, match="patient-left axis"):
+        map_label_grid(grid, names, mapping)
+
+
+def test_icrp_mapping_knows_the_new_regions_by_side():
+    known = set(load_mapping(config_path("bodies/icrp110.yaml"))["known_classes"])
+    assert {"left femur", "right femur", "left hip bone", "right hip bone", "pelvis", "sacrum", "skull",
+            "brain", "left humerus", "right humerus"} <= known

@@ -204,3 +204,24 @@ def test_inspiration_stretch_lowers_the_lung_base_under_a_fixed_apex():
     no_lungs[0] = False
     unchanged = inspiration_stretch(raw, no_lungs, lungs=0, seed=3)
     assert unchanged[0] is raw and unchanged[1] is no_lungs
+
+
+def test_surgical_views_aim_only_where_the_body_reaches():
+    """The pelvis, lumbar and hip families are drawn for a body with those anchors and never for one without;
+    asking for one the body lacks is a clear error; inlet and outlet tilt both ways."""
+    from training.data.geometry import VIEW_FAMILIES, sample_pose
+
+    chest_only = {"chest": np.zeros(3), "heart": np.ones(3)}
+    families = {sample_pose(np.random.default_rng(s), chest_only).family for s in range(200)}
+    assert families <= {n for n, f in VIEW_FAMILIES.items() if f.anchors is None or "chest" in f.anchors}
+    with pytest.raises(ValueError, match="does not have"):
+        sample_pose(np.random.default_rng(0), chest_only, family="ap_pelvis")
+    whole = {**chest_only, "pelvis": np.array([0.0, 0.0, -400.0]), "left hip": np.array([-90.0, 0.0, -450.0]),
+             "right hip": np.array([90.0, 0.0, -450.0]), "lumbar spine": np.array([0.0, -30.0, -250.0])}
+    families = {sample_pose(np.random.default_rng(s), whole).family for s in range(300)}
+    assert {"ap_pelvis", "pelvic_inlet_outlet", "ap_lumbar", "lateral_lumbar", "hip", "oblique"} <= families
+    tilts = [sample_pose(np.random.default_rng(s), whole, family="pelvic_inlet_outlet").secondary_deg
+             for s in range(40)]
+    assert min(tilts) <= -20 and max(tilts) >= 20 and all(abs(t) >= 20 for t in tilts)
+    hip = sample_pose(np.random.default_rng(1), whole, family="hip")
+    assert min(np.linalg.norm(np.array(hip.isocenter) - whole[k]) for k in ("left hip", "right hip")) < 100

@@ -226,3 +226,37 @@ def test_an_export_in_an_older_format_is_refused_with_the_fix(tmp_path):
     (tmp_path / "export.json").write_text(json.dumps({"format_version": 1}))
     with pytest.raises(ValueError, match="run `fluorosam export` again"):
         read_export_meta(tmp_path)
+
+
+def test_fine_path_exports_with_parity(tmp_path):
+    """A model with the fine path: the encoder hands the decoder its two fine maps too, the decoder answers at
+    input resolution and takes a previous mask there, and both graphs match PyTorch."""
+    torch.manual_seed(2)
+    model = FluoroSAM(dataclasses.replace(get_config("tiny"), fine_features=True)).eval()
+    with torch.no_grad():  # the fine hypernetworks start at zero: make the path matter for parity
+        for mlp in model.mask_decoder.fine_hypernetworks_mlps:
+            mlp.layers[-1].weight.normal_(0, 0.05)
+    save_checkpoint(model, tmp_path / "model", {})
+    onnx_dir = export_model(tmp_path / "model", tmp_path / "onnx", with_text_table=False)
+    meta = read_export_meta(onnx_dir)
+    assert meta["mask_hw"] == 256 and meta["embeddings"]["fine_input"] == [1, 8, 256, 256]
+    image = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        features = model.encode_image(image)
+    outputs = _session(onnx_dir / ENCODER_FILE).run(None, {"image": image.numpy()})
+    assert [o.shape for o in outputs] == [tuple(t.shape) for t in features]
+    for output, reference in zip(outputs, features):
+        assert np.abs(output - reference.numpy()).max() < 1e-3 * max(1.0, float(reference.abs().max()))
+    tokens = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    previous = torch.randn(3, 1, 256, 256, generator=torch.Generator().manual_seed(5))
+    coords, labels = pack_points([[], [], []], lambda xy: xy)
+    masks, scores, _ = _session(onnx_dir / DECODER_FILE).run(None, {
+        **{name: t.numpy() for name, t in zip(embedding_shapes(model.config), features)},
+        "text_tokens": tokens.numpy(), "point_coords": coords, "point_labels": labels,
+        "mask_input": previous.numpy(), "has_mask_input": np.ones((3, 1), np.float32)})
+    with torch.no_grad():
+        best, best_score = model.best_mask(*model.decode(features, tokens, mask_input=previous))
+    assert masks.shape == (3, 256, 256)
+    np.testing.assert_allclose(scores, best_score.numpy(), atol=1e-3)
+    for i in range(3):
+        assert _iou(masks[i] > 0, best[i].numpy() > 0) >= 0.99

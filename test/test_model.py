@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mini_model import MINI  # small and fast; the real "tiny" is exercised where it matters (encode_image)
 from safetensors.torch import load_file
 
@@ -289,3 +290,42 @@ def test_copied_mask_token_answers_like_its_source():
     torch.testing.assert_close(iou[:, 0], iou[:, 2])
     with pytest.raises(ValueError, match="mask-aware"):
         FluoroSAM(dataclasses.replace(MINI, mask_aware_iou_head=True)).mask_decoder.copy_mask_token(2, 0)
+
+
+def test_fine_path_answers_at_input_resolution_starting_as_the_model_it_warm_starts_from(tmp_path):
+    """The fine path's hypernetworks start at zero: a warm start from a model without it returns that model's
+    masks bilinearly upsampled to the input, exactly; a previous mask at input resolution is a valid prompt; once
+    the hypernetworks are nonzero, the stride-2 and input-resolution features shape the masks."""
+    from training.train import warm_start
+
+    torch.manual_seed(5)
+    config = dataclasses.replace(MINI, swin_depths=(1, 1, 1, 1), swin_heads=(1, 2, 4, 8), embed_stride=16)
+    coarse = FluoroSAM(config).eval()
+    fine = FluoroSAM(dataclasses.replace(config, fine_features=True)).eval()
+    assert fine.config.mask_hw == 64 and fine.config.prompt_mask_hw == coarse.config.mask_hw == 16
+    save_checkpoint(coarse, tmp_path, {})
+    _, left_at_init = warm_start(fine, tmp_path)
+    assert {name.split(".")[1] for name in left_at_init} == {"stride2", "full_res", "fine_upscaling",
+                                                             "fine_hypernetworks_mlps"}
+    images, tokens = torch.randn(1, 1, 64, 64), torch.randn(3, 256)
+    with torch.no_grad():
+        features = fine.encode_image(images)
+        assert [tuple(t.shape[1:]) for t in features[-2:]] == [(16, 32, 32), (8, 64, 64)]
+        before = coarse.decode(coarse.encode_image(images), tokens)[0]
+        logits = fine.decode(features, tokens)[0]
+        assert logits.shape == (3, 3, 64, 64)
+        torch.testing.assert_close(logits, coarse.upsample_to_input(before))
+        again = fine.decode(features, tokens, mask_input=logits[:, :1])[0]
+        reference = coarse.decode(coarse.encode_image(images), tokens, mask_input=F.avg_pool2d(logits[:, :1], 4))[0]
+        torch.testing.assert_close(again, coarse.upsample_to_input(reference))
+        with pytest.raises(ValueError, match="mask_input"):
+            fine.decode(features, tokens, mask_input=logits[:, :1, ::2, ::2])  # the prompt side, not the output
+        for mlp in fine.mask_decoder.fine_hypernetworks_mlps:
+            mlp.layers[-1].weight.normal_(0, 0.5)
+        after = fine.decode(features, tokens)[0]
+    assert (after - logits).abs().max() > 1e-2
+
+
+def test_fine_path_needs_a_stride_2_stage():
+    with pytest.raises(ValueError, match="stride-2 stage"):
+        dataclasses.replace(get_config("base"), fine_features=True)

@@ -427,3 +427,36 @@ def test_train_refuses_shards_made_with_another_vocabulary(tmp_path, capsys):
     assert main(parser.parse_args(["--data", str(data), "--out", str(tmp_path / "run")])) == 2
     assert "made with another vocabulary" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_centreline_loss_sees_a_dropped_or_displaced_wire_that_dice_forgives():
+    """A 2-px wire beside a large structure's scale: the right wire costs ~0, an empty mask and a band drawn
+    next to the wire cost the whole clDice term; a prompt not marked thin pays nothing extra."""
+    from training.losses import centreline_dice_loss
+
+    target = torch.zeros(3, 64, 64)
+    target[:, 8:56, 30:32] = 1
+    logits = torch.full((3, 64, 64), -12.0)
+    logits[0, 8:56, 30:32] = 12.0  # right
+    logits[2, 8:56, 36:40] = 12.0  # beside it
+    loss = centreline_dice_loss(logits, target)
+    assert loss[0] < 0.05 and loss[1] > 0.95 and loss[2] > 0.95
+    thin = torch.tensor([True, True, False])
+    with_term = multimask_loss(logits[:, None], torch.zeros(3, 1), target, thin=thin, centreline_weight=1.0)
+    without = multimask_loss(logits[:, None], torch.zeros(3, 1), target)
+    assert with_term["mask"] > without["mask"] + 0.25
+
+
+def test_classes_a_body_does_not_label_are_never_prompted():
+    """prepare_batch marks the classes outside an item's known set with area -1: neither present nor absent."""
+    from training.train import prepare_batch
+
+    masks = np.zeros((3, 64, 64), bool)
+    masks[0, 10:40, 10:40] = True
+    item = {"image": np.random.default_rng(0).random((64, 64), np.float32), "masks": masks,
+            "known": np.array([True, True, False])}
+    batch = prepare_batch([item], 64)
+    assert batch["area"][0].tolist() == [900, 0, -1]
+    for seed in range(10):
+        _, classes = sample_prompts(batch["area"], 2, 2, torch.Generator().manual_seed(seed))
+        assert 2 not in classes.tolist() and 1 in classes.tolist()  # class 1 is known absent; 2 unknown

@@ -108,6 +108,9 @@ class TrainOptions:
     # SAM's alpha 0.25 down-weights foreground; from scratch that leaves logits under-confident (masks
     # stay empty at threshold 0 for hundreds of steps), 0.5 keeps the decision threshold at p = 0.5.
     focal_alpha: float = 0.5
+    # Weight of the soft clDice term on tool prompts (losses.centreline_dice_loss): a wire the mask drops or
+    # draws beside itself costs it whole. 0 trains with focal + dice alone, as every default before the fine path.
+    centreline_weight: float = 0.0
     vq_weight: float = 1.0
     restart_every: int = 50
     seed: int = 0
@@ -215,7 +218,10 @@ def prepare_batch(items: list[dict], image_size: int, crop_prob: float = 0.0, se
         masks.append(padded)
     masks_t = torch.stack(masks)
     # numpy counts bools ~6x faster than torch's sum (which widens to int64 first): this ran in the loader.
-    area = torch.from_numpy(np.count_nonzero(masks_t.numpy().reshape(*masks_t.shape[:2], -1), axis=-1))
+    area = np.count_nonzero(masks_t.numpy().reshape(*masks_t.shape[:2], -1), axis=-1)
+    # A class the item's body does not label has area -1: neither present nor absent, so never prompted.
+    known = np.stack([np.asarray(item.get("known", np.ones(area.shape[1], bool))) for item in items])
+    area = torch.from_numpy(np.where(known, area, -1))
     return {"images": torch.stack(images)[:, None], "masks": masks_t, "area": area}
 
 
@@ -318,7 +324,7 @@ class TrainingStep(nn.Module):
 
     def forward(self, images: Tensor, masks: Tensor, image_index: Tensor, class_index: Tensor,
                 prompt_embeddings: Tensor, text_embeddings: Tensor, text_labels: Tensor,
-                interactive_points: int) -> dict[str, Tensor]:
+                interactive_points: int, thin: Tensor | None = None) -> dict[str, Tensor]:
         model, options, generator = self.model, self.options, self.generator
         n_prompts = image_index.shape[0]
         # The text side stays in float32 under autocast: nearest-code search in 16 bits would flip codes.
@@ -347,6 +353,7 @@ class TrainingStep(nn.Module):
             targets = F.avg_pool2d(masks[image_index, class_index][:, None].float(), factor)[:, 0]
             scored, to_input_px = (lambda x: x), (lambda xy: xy * factor + (factor - 1) / 2)
         all_logits, all_iou = model.decode_all_tokens(embeddings, tokens)
+        self._thin = thin
         loss, first, single, prev_low = self._score_round(all_logits, all_iou, targets, scored, clicks=0)
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
                "iou_text": first["best_iou"]}
@@ -386,13 +393,14 @@ class TrainingStep(nn.Module):
         with ``clicks`` clicks with it), the multimask and single-mask loss terms (None where the token does not
         answer) and the (N, 1, h, w) logits fed back to the next round: what inference would answer with."""
         options = self.options
+        thin = dict(thin=self._thin, centreline_weight=options.centreline_weight)
         multi = multimask_loss(scored(all_logits[:, 1:]), all_iou[:, 1:], targets, options.focal_weight,
-                               options.focal_alpha)
+                               options.focal_alpha, **thin)
         total = multi["mask"] + multi["iou_head"]
         if not answers_with_single_mask(clicks, options.single_mask_min_points, options.single_mask_text_only):
             return total, multi, None, self._feedback(all_logits[:, 1:], all_iou[:, 1:], multi["best_index"])
         single = multimask_loss(scored(all_logits[:, :1]), all_iou[:, :1], targets, options.focal_weight,
-                                options.focal_alpha)
+                                options.focal_alpha, **thin)
         return total + single["mask"] + single["iou_head"], multi, single, all_logits[:, :1].detach()
 
     def _feedback(self, logits: Tensor, iou_pred: Tensor, best_index: Tensor) -> Tensor:
@@ -532,6 +540,14 @@ def manifest_sha256(roots: list[str]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- loop
+def bodies_of(roots: list[str]) -> list[str]:
+    """The bodies (CT ids) whose views the shard folders hold, from their manifests: model.json's record of what
+    a model saw, which is what a cross-patient figure needs to be honest."""
+    from training.data.shards import read_manifest
+
+    return sorted({ct["ct_id"] for root in roots for ct in read_manifest(root)["render"].get("cts", [])})
+
+
 def warm_start(model: FluoroSAM, checkpoint_dir: str | os.PathLike) -> tuple[int, list[str]]:
     """Copy every tensor of another checkpoint whose name and shape match (e.g. a model of a changed
     config); returns (tensors loaded, names left at their initialization). The phrase table is not
@@ -677,7 +693,8 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 result = step_module(batch["images"].to(device), batch["masks"].to(device),
                                      image_index.to(device), class_index.to(device), prompt_emb.to(device),
-                                     text_emb.to(device), text_labels.to(device), interactive)
+                                     text_emb.to(device), text_labels.to(device), interactive,
+                                     is_tool[class_index].to(device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(result["loss"]).backward()
             scaler.unscale_(optimizer)
@@ -802,6 +819,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="copy this multimask token (1..3) into the single-mask token before training (0: no)")
     parser.add_argument("--train-parts", choices=TRAIN_PARTS, default=d.train_parts,
                         help="parameters that learn: all, or decoder (prompt encoder + mask decoder; encoder frozen)")
+    parser.add_argument("--fine-features", action="store_true",
+                        help="train the fine-structure mask path (masks at input resolution; FluoroSAMConfig."
+                             "fine_features); with --init-from a model without it, it starts at zero: same masks")
+    parser.add_argument("--centreline-weight", type=float, default=d.centreline_weight,
+                        help="weight of the soft clDice term on tool prompts (0: focal + dice only)")
     parser.add_argument("--focal-weight", type=float, default=d.focal_weight)
     parser.add_argument("--focal-alpha", type=float, default=d.focal_alpha,
                         help="focal loss foreground weight (SAM: 0.25; 0.5 keeps thresholds calibrated)")
@@ -865,11 +887,12 @@ def main(args: argparse.Namespace) -> int:
         crop_prob=args.crop_prob, warp_prob=args.warp_prob, zoom_out_prob=args.zoom_out_prob,
         inspiration_prob=args.inspiration_prob,
         focal_weight=args.focal_weight,
-        focal_alpha=args.focal_alpha,
+        focal_alpha=args.focal_alpha, centreline_weight=args.centreline_weight,
         init_from=args.init_from, device=args.device, amp=args.amp, num_workers=args.workers, threads=args.threads,
         log_every=args.log_every, save_every=args.save_every, val_every=args.val_every, val_items=args.val_items,
         extra_meta={"command": "fluorosam train " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "",
-                    "data": args.data, "val": args.val,
+                    "data": args.data, "val": args.val, "bodies": bodies_of(args.data),
+                    **({"val_bodies": bodies_of([args.val])} if args.val else {}),
                     **({"initialized_from": checkpoint_provenance(args.init_from)} if args.init_from else {})})
 
     parts = [ShardDataset(root, augment=True, seed=args.seed, warp_prob=args.warp_prob,
@@ -889,7 +912,10 @@ def main(args: argparse.Namespace) -> int:
         return dataset
 
     val_dataset = ShardDataset(args.val, augment=False) if args.val else None
-    _, last = run_training(get_config(args.config), make_train_dataset, vocabulary, args.out, options,
+    model_config = get_config(args.config)
+    if args.fine_features:
+        model_config = replace(model_config, fine_features=True)
+    _, last = run_training(model_config, make_train_dataset, vocabulary, args.out, options,
                            val_dataset=val_dataset, resume=args.resume,
                            data_manifest_sha256=manifest_sha256(args.data))
     if distributed:

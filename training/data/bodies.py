@@ -18,13 +18,22 @@ import yaml
 from fluorosam_common.vocabulary import Vocabulary
 
 
+def _target_ids(value) -> list[int]:
+    """The TotalSegmentator ids a mapping entry writes: an id, or ``{left: id, right: id}`` for a paired organ."""
+    if isinstance(value, dict):
+        if set(value) != {"left", "right"}:
+            raise ValueError(f"a sided mapping entry is {{left: id, right: id}}, got {value}")
+        return [int(value["left"]), int(value["right"])]
+    return [int(value)]
+
+
 def load_mapping(path: str | os.PathLike, vocabulary: Vocabulary | None = None) -> dict:
     """The mapping YAML, checked against the vocabulary: every known class must be made only of mapped ids."""
     mapping = yaml.safe_load(Path(path).read_text())
     if not isinstance(mapping, dict) or not isinstance(mapping.get("labels"), dict):
         raise ValueError(f"{path}: a body mapping needs a 'labels' table (source name -> TotalSegmentator id)")
     vocabulary = vocabulary or Vocabulary.load()
-    mapped_ids = {int(v) for v in mapping["labels"].values()}
+    mapped_ids = {i for v in mapping["labels"].values() for i in _target_ids(v)}
     for name in mapping.get("known_classes", []):
         ids = set(vocabulary.get(name).label_ids)
         if vocabulary.get(name).kind == "anatomy" and ids - mapped_ids:
@@ -34,18 +43,43 @@ def load_mapping(path: str | os.PathLike, vocabulary: Vocabulary | None = None) 
     return mapping
 
 
-def map_label_grid(grid: np.ndarray, names: dict[int, str], mapping: dict) -> np.ndarray:
-    """int16 grid of TotalSegmentator ids: each source id whose name the mapping lists, else 0 (unknown)."""
+def map_label_grid(grid: np.ndarray, names: dict[int, str], mapping: dict,
+                   left_axis: tuple[int, int] | None = None) -> np.ndarray:
+    """int16 grid of TotalSegmentator ids: each source id whose name the mapping lists, else 0 (unknown).
+
+    A sided entry (``{left: id, right: id}``, for a source that labels a pair as one organ, as ICRP-110 does
+    its femora and hip bones) splits at the pair's own midline: the centroid, along the grid's patient-left
+    axis, of every voxel the entries of that pair cover. ``left_axis`` = (grid axis, +1 or -1: the direction
+    of the patient's left along it); required when the mapping has sided entries.
+    """
     unknown = sorted(set(mapping["labels"]) - set(names.values()))
     if unknown:
         raise ValueError(f"the mapping names labels the source does not have: {unknown}")
-    lookup = np.zeros(int(grid.max()) + 1, np.int16)
-    for source_id, name in names.items():
-        if name in mapping["labels"] and source_id < lookup.size:
-            lookup[source_id] = int(mapping["labels"][name])
     if grid.min() < 0:
         raise ValueError("label maps hold non-negative ids")
-    return lookup[grid]
+    lookup = np.zeros(int(grid.max()) + 1, np.int16)
+    pairs: dict[tuple[int, int], list[int]] = {}
+    for source_id, name in names.items():
+        if name in mapping["labels"] and source_id < lookup.size:
+            value = mapping["labels"][name]
+            if isinstance(value, dict):
+                pairs.setdefault(tuple(_target_ids(value)), []).append(source_id)
+            else:
+                lookup[source_id] = int(value)
+    mapped = lookup[grid]
+    if pairs and left_axis is None:
+        raise ValueError("the mapping splits organs by side; pass the grid's patient-left axis")
+    for (left_id, right_id), source_ids in pairs.items():
+        axis, sign = left_axis
+        inside = np.isin(grid, source_ids)
+        coords = np.nonzero(inside)[axis]
+        if coords.size == 0:
+            continue
+        shape = [1] * grid.ndim
+        shape[axis] = grid.shape[axis]
+        position = (np.arange(grid.shape[axis]) - coords.mean()).reshape(shape) * sign
+        mapped[inside] = np.where(np.broadcast_to(position > 0, grid.shape)[inside], left_id, right_id)
+    return mapped
 
 
 def map_labels(labels: str | os.PathLike, names: str | os.PathLike, mapping_path: str | os.PathLike,
@@ -101,7 +135,8 @@ def phantom_to_nifti(phantom: str | os.PathLike, organs: str | os.PathLike, mapp
         if organ_id < density.size:
             density[organ_id] = rho
     hu = np.clip(1000.0 * (density[ids] - 1.0), -1000, 3000).astype(np.int16)
-    labels = map_label_grid(ids.astype(np.int64), {k: name for k, (name, _) in table.items()}, mapping)
+    labels = map_label_grid(ids.astype(np.int64), {k: name for k, (name, _) in table.items()}, mapping,
+                            left_axis=(0, 1))
     # Column index runs to the patient's left (-x in RAS), row index to the back (-y), slice index up (+z).
     affine = np.diag([-dx, -dy, dz, 1.0])
     out = Path(out_dir)

@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     render.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     render.add_argument("--vocabulary", default=None, help="vocabulary YAML (default config/vocabulary.yaml)")
     render.add_argument("--overwrite", action="store_true", help="replace a render made with other settings")
+    render.add_argument("--body-id", action="append", default=None, metavar="NAME",
+                        help="name of each --ct's body (default: the file name; give it where files share a name, "
+                             "e.g. ct.nii.gz of several phantoms): shards, splits and model.json use it")
+    render.add_argument("--known-classes", default=None, metavar="MAPPING",
+                        help="the body mapping (config/bodies/*.yaml) whose known_classes (plus the tools) are the "
+                             "only classes training prompts on these views; default: every class is known")
 
     relabel = sub.add_parser("relabel", help="apply the vocabulary's hidden_by rules to an existing render "
                                              "(bit-identical to rendering again, in seconds)")
@@ -73,12 +79,26 @@ def main(args: argparse.Namespace) -> int:
                 return 2
             from pathlib import Path
 
-            cts = [CTSpec(Path(volume).name.split(".")[0], str(Path(volume).resolve()), str(Path(labels).resolve()),
-                          voxel) for volume, labels in zip(args.ct, args.labels)]
+            ids = args.body_id or [Path(volume).name.split(".")[0] for volume in args.ct]
+            if len(ids) != len(args.ct) or len(set(ids)) != len(ids):
+                print("fluorosam data render: give one distinct --body-id per --ct", file=sys.stderr)
+                return 2
+            cts = [CTSpec(body, str(Path(volume).resolve()), str(Path(labels).resolve()), voxel)
+                   for body, volume, labels in zip(ids, args.ct, args.labels)]
+        known = None
+        if args.known_classes:
+            from fluorosam_common.vocabulary import Vocabulary
+
+            from .bodies import load_mapping
+
+            vocabulary = Vocabulary.load(args.vocabulary)
+            known = [*load_mapping(args.known_classes, vocabulary).get("known_classes", []),
+                     *(c.name for c in vocabulary.classes if c.kind == "tool")]
         manifest = render_dataset(cts, args.out, views=args.views, size=args.size, seed=args.seed,
                                   workers=args.workers, shard_size=args.shard_size,
                                   tool_probability=args.tool_probability, backend=args.backend,
-                                  ray_address=args.ray_address, vocabulary=args.vocabulary, overwrite=args.overwrite)
+                                  ray_address=args.ray_address, vocabulary=args.vocabulary, overwrite=args.overwrite,
+                                  known_classes=known)
         print(f"{len(manifest['items'])} views in {len(manifest['shards'])} shards -> {args.out}")
         return 0
     if args.action == "relabel":

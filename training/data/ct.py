@@ -22,6 +22,8 @@ ANCHOR_GROUPS = {
     "left lung": (10, 11), "right lung": (12, 13, 14), "heart": (51,), "trachea": (16,), "liver": (5,),
     "thoracic spine": tuple(range(32, 44)), "lumbar spine": tuple(range(27, 32)), "aorta": (52,), "stomach": (6,),
     "sternum": (116,),
+    # surgical views below the chest (geometry.VIEW_FAMILIES anchors): pelvis, lumbar spine, either hip
+    "pelvis": (25, 77, 78), "left hip": (75, 77), "right hip": (76, 78),
 }
 
 
@@ -119,12 +121,26 @@ def load_ct(volume: str | Path | None = None, labels: str | Path | None = None, 
 def _anchors(ct: CTVolume) -> dict[str, np.ndarray]:
     anchors = {}
     for name, ids in ANCHOR_GROUPS.items():
-        c = ct.centroid(ids)
+        c = ct.centroid(ids) if not name.endswith(" hip") else _hip_joint(ct, *ids)
         if c is not None:
             anchors[name] = c
     lungs = ct.centroid(LUNG_IDS)
     anchors["chest"] = lungs if lungs is not None else ct.voxel_to_world((np.array(ct.labels.shape) - 1) / 2)
     return anchors
+
+
+def _hip_joint(ct: CTVolume, femur: int, hip_bone: int) -> np.ndarray | None:
+    """The hip joint: the femur's top (its most superior 5 % of voxels, the femoral head), where a hip view aims.
+
+    Needs both the femur and its hip bone, so a CT cut through the femoral shafts gets no hip view."""
+    if ct.centroid([hip_bone]) is None:
+        return None
+    ijk = np.argwhere(ct.labels == femur)
+    if len(ijk) < 20:
+        return None
+    world = ct.voxel_to_world(ijk.astype(np.float64))
+    top = world[world[:, 2] >= np.quantile(world[:, 2], 0.95)]
+    return top.mean(axis=0)
 
 
 def render_line_integrals(ct: CTVolume, source: np.ndarray, targets: np.ndarray, chunk: int = 8192,

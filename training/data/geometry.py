@@ -121,13 +121,42 @@ def camera(pose: CArmPose, size: int) -> Camera:
                   mirrored=mirrored, sdd=pose.sdd_mm, sod=pose.sod_mm, pixel_mm=pose.fov_mm / size, size=size)
 
 
-# View families: (share, base, primary range, secondary range, fov range). Chest-radiograph-like PA views
-# get a large share because many real images are PA chest radiographs.
+@dataclass(frozen=True)
+class ViewFamily:
+    """A standard view and the spread of C-arm poses around it.
+
+    ``primary`` / ``secondary`` are ranges in degrees; ``signed_primary`` / ``signed_secondary`` draw the
+    magnitude from the range and then a random sign (left and right laterals; pelvic inlet and outlet).
+    ``anchors`` are the isocenter candidates (``CTVolume.anchors`` names): the family is only drawn for a
+    body that has one of them; None aims at any anchor.
+    """
+
+    share: float
+    base: str
+    primary: tuple[float, float]
+    secondary: tuple[float, float]
+    fov: tuple[float, float]
+    anchors: tuple[str, ...] | None = None
+    signed_primary: bool = False
+    signed_secondary: bool = False
+
+
+# Chest-radiograph-like PA views get a large share because many real images are PA chest radiographs. The
+# surgical views (pelvis, inlet / outlet, lumbar spine, hip) exist for bodies whose labels reach there; the
+# oblique family covers any C-arm pose of yaw +-90 and tilt +-30 degrees around any anchor.
 VIEW_FAMILIES = {
-    "pa_chest": (0.35, "PA", (-8, 8), (-8, 8), (260, 330)),
-    "ap_fluoro": (0.25, "AP", (-45, 45), (-30, 30), (180, 320)),
-    "pa_fluoro": (0.2, "PA", (-45, 45), (-30, 30), (180, 320)),
-    "lateral": (0.2, "AP", (75, 105), (-15, 15), (220, 330)),
+    "pa_chest": ViewFamily(0.35, "PA", (-8, 8), (-8, 8), (260, 330), ("chest",)),
+    "ap_fluoro": ViewFamily(0.25, "AP", (-45, 45), (-30, 30), (180, 320)),
+    "pa_fluoro": ViewFamily(0.2, "PA", (-45, 45), (-30, 30), (180, 320)),
+    "lateral": ViewFamily(0.2, "AP", (75, 105), (-15, 15), (220, 330), signed_primary=True),
+    "oblique": ViewFamily(0.1, "AP", (-90, 90), (-30, 30), (180, 320)),
+    "ap_pelvis": ViewFamily(0.15, "AP", (-15, 15), (-10, 10), (260, 340), ("pelvis",)),
+    "pelvic_inlet_outlet": ViewFamily(0.1, "AP", (-15, 15), (20, 40), (240, 330), ("pelvis",),
+                                      signed_secondary=True),
+    "ap_lumbar": ViewFamily(0.15, "AP", (-20, 20), (-15, 15), (180, 280), ("lumbar spine",)),
+    "lateral_lumbar": ViewFamily(0.1, "AP", (75, 105), (-15, 15), (200, 300), ("lumbar spine",),
+                                 signed_primary=True),
+    "hip": ViewFamily(0.15, "AP", (-30, 30), (-15, 15), (150, 240), ("left hip", "right hip")),
 }
 
 
@@ -136,30 +165,39 @@ def sample_pose(rng: np.random.Generator, anchors: dict[str, np.ndarray], family
     """Random C-arm pose around a standard view aimed at one of the CT's ``anchors`` (name -> world point).
 
     ``anchors`` must contain "chest" (used by chest-radiograph-like views); other entries (structure
-    centroids) are isocenter candidates for fluoroscopy-like views. ``z_range`` (the CT's head-foot
-    extent in world mm) keeps the field of view inside the scanned range where it fits, so that the
-    CT's truncation edge does not cut across the image. (The bundled CT spans 333 mm head to foot, which
-    is why chest-radiograph-like views stop at a 330 mm field of view.)
+    centroids) are isocenter candidates for fluoroscopy-like views, and the surgical families are drawn only
+    where their anchors exist. ``z_range`` (the CT's head-foot extent in world mm) keeps the field of view
+    inside the scanned range where it fits, so that the CT's truncation edge does not cut across the image.
+    (The bundled CT spans 333 mm head to foot, which is why chest-radiograph-like views stop at a 330 mm
+    field of view.)
     """
-    names = list(VIEW_FAMILIES)
+    def aims(view: ViewFamily) -> list[str]:
+        return sorted(anchors) if view.anchors is None else [a for a in view.anchors if a in anchors]
+
     if family is None:
-        shares = np.array([VIEW_FAMILIES[n][0] for n in names])
+        names = [n for n, view in VIEW_FAMILIES.items() if aims(view)]
+        shares = np.array([VIEW_FAMILIES[n].share for n in names])
         family = names[int(rng.choice(len(names), p=shares / shares.sum()))]
-    _, base, primary, secondary, fov = VIEW_FAMILIES[family]
-    primary_deg = float(rng.uniform(*primary))
-    if family == "lateral" and rng.random() < 0.5:
+    if family not in VIEW_FAMILIES:
+        raise ValueError(f"unknown view family {family!r}; known: {', '.join(VIEW_FAMILIES)}")
+    view = VIEW_FAMILIES[family]
+    candidates = aims(view)
+    if not candidates:
+        raise ValueError(f"view family {family!r} aims at {view.anchors}, which this body does not have")
+    primary_deg = float(rng.uniform(*view.primary))
+    if view.signed_primary and rng.random() < 0.5:
         primary_deg = -primary_deg
+    secondary_deg = float(rng.uniform(*view.secondary))
+    if view.signed_secondary and rng.random() < 0.5:
+        secondary_deg = -secondary_deg
     sdd = float(rng.uniform(900, 1300))
     sod = float(sdd * rng.uniform(0.6, 0.78))
-    fov_mm = float(rng.uniform(*fov))
-    if family == "pa_chest":
-        iso = anchors["chest"] + rng.normal(0, 10, 3)
-    else:
-        keys = sorted(anchors)
-        iso = anchors[keys[int(rng.integers(len(keys)))]] + rng.normal(0, 20, 3)
+    fov_mm = float(rng.uniform(*view.fov))
+    spread = 10 if family == "pa_chest" else 20
+    iso = anchors[candidates[int(rng.integers(len(candidates)))]] + rng.normal(0, spread, 3)
     if z_range is not None:
         half = 0.55 * fov_mm
         low, high = z_range[0] + half, z_range[1] - half
         iso[2] = float(np.clip(iso[2], low, high)) if low <= high else (z_range[0] + z_range[1]) / 2
-    return CArmPose(base=base, primary_deg=primary_deg, secondary_deg=float(rng.uniform(*secondary)), sdd_mm=sdd,
+    return CArmPose(base=view.base, primary_deg=primary_deg, secondary_deg=secondary_deg, sdd_mm=sdd,
                     sod_mm=sod, fov_mm=fov_mm, isocenter=tuple(float(v) for v in iso), family=family)

@@ -148,8 +148,10 @@ def _run_ray(jobs: list[ShardJob], workers: int, address: str | None):
 def render_dataset(cts: list[CTSpec], out: str | Path, views: int, size: int, seed: int = 0, workers: int = 1,
                    shard_size: int = 16, tool_probability: float = 0.5, backend: str = "local",
                    ray_address: str | None = None, vocabulary: str | None = None, overwrite: bool = False,
-                   progress: bool = True) -> dict:
-    """Render ``views`` views of each CT into shards under ``out``; returns the final manifest."""
+                   progress: bool = True, known_classes: list[str] | None = None) -> dict:
+    """Render ``views`` views of each CT into shards under ``out``; returns the final manifest.
+
+    ``known_classes``: the only classes the bodies' labels can judge (see ``shards.known_class_flags``)."""
     from tqdm import tqdm
 
     from fluorosam_common.vocabulary import Vocabulary
@@ -162,11 +164,11 @@ def render_dataset(cts: list[CTSpec], out: str | Path, views: int, size: int, se
     settings = {"views": views, "seed": seed, "shard_size": shard_size, "tool_probability": tool_probability,
                 "cts": [asdict(c) for c in cts]}
     jobs = plan_jobs(cts, out, views, size, seed, shard_size, tool_probability, vocabulary)
-    manifest = new_manifest(size, vocab.names, vocab.sha256, settings, vocab.hiding_rules)
+    manifest = new_manifest(size, vocab.names, vocab.sha256, settings, vocab.hiding_rules, known_classes)
     if (out / MANIFEST).exists():
         old = read_manifest(out)
         same = (old.get("render") == settings and old["image_size"] == size and old["classes"] == vocab.names
-                and old["vocabulary_sha256"] == vocab.sha256)
+                and old["vocabulary_sha256"] == vocab.sha256 and old.get("known_classes") == manifest.get("known_classes"))
         if same:
             manifest = old
         elif not overwrite:

@@ -71,11 +71,30 @@ def read_manifest(root: str | Path) -> dict:
 
 
 def new_manifest(image_size: int, classes: list[str], vocabulary_sha256: str, render: dict,
-                 hidden_by: dict[str, list[str]] | None = None) -> dict:
-    """``hidden_by``: the vocabulary's hiding rules the masks were made with (what relabelling checks against)."""
-    return {"version": MANIFEST_VERSION, "image_size": image_size, "classes": list(classes),
-            "vocabulary_sha256": vocabulary_sha256, "hidden_by": dict(hidden_by or {}), "render": render,
-            "shards": [], "items": []}
+                 hidden_by: dict[str, list[str]] | None = None, known_classes: list[str] | None = None) -> dict:
+    """``hidden_by``: the vocabulary's hiding rules the masks were made with (what relabelling checks against).
+    ``known_classes``: the classes the body's labels can say are there or not (None: all; see
+    :func:`known_class_flags`)."""
+    manifest = {"version": MANIFEST_VERSION, "image_size": image_size, "classes": list(classes),
+                "vocabulary_sha256": vocabulary_sha256, "hidden_by": dict(hidden_by or {}), "render": render,
+                "shards": [], "items": []}
+    if known_classes is not None:
+        manifest["known_classes"] = sorted(set(known_classes))
+    return manifest
+
+
+def known_class_flags(manifest: dict) -> np.ndarray:
+    """(C,) bool: whether each of the manifest's classes can be judged on its views.
+
+    A body whose source labels only some structures (a phantom, a hand-labelled CT) has every other class
+    unknown: an empty mask there means "not labelled", not "absent", so such a class is never prompted (as
+    present or as absent) nor scored. Folders without ``known_classes`` know every class.
+    """
+    classes = manifest["classes"]
+    if "known_classes" not in manifest:
+        return np.ones(len(classes), bool)
+    known = set(manifest["known_classes"])
+    return np.array([c in known for c in classes], bool)
 
 
 def add_shard(manifest: dict, file: str, ct_id: str, items: list[dict]) -> None:
@@ -108,7 +127,8 @@ def split_by_ct(manifest_root: str | Path, val_fraction: float, seed: int) -> tu
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Items of a shard folder as dicts: image (H,W) float32, masks (C,H,W) bool, present (C,), ct_id, index.
+    """Items of a shard folder as dicts: image (H,W) float32, masks (C,H,W) bool, present (C,), known (C,) (see
+    :func:`known_class_flags`), ct_id, index.
 
     ``augment=True`` applies :func:`training.data.augment.domain_randomize` seeded by (seed, epoch, item's
     render seed), so an epoch is reproducible; call :meth:`set_epoch` each epoch. ``warp_prob``: chance of
@@ -139,6 +159,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.manifest = manifest
         self.classes: list[str] = manifest["classes"]
         self.image_size: int = manifest["image_size"]
+        self.known = known_class_flags(manifest)
         self.items = [it for it in manifest["items"] if self.ct_ids is None or it["ct_id"] in self.ct_ids]
 
     def set_epoch(self, epoch: int) -> None:
@@ -183,5 +204,5 @@ class ShardDataset(torch.utils.data.Dataset):
             image = domain_randomize(image, self.seed, self.epoch, view_seed)
             if self._draws(self.warp_prob, view_seed):
                 image, masks = anatomy_warp(image, masks, self.seed, self.epoch, view_seed)
-        return {"image": image, "masks": masks, "present": shard["present"][k].copy(), "ct_id": item["ct_id"],
-                "index": i}
+        return {"image": image, "masks": masks, "present": shard["present"][k].copy(), "known": self.known,
+                "ct_id": item["ct_id"], "index": i}

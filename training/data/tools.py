@@ -217,7 +217,25 @@ def _bone_target(rng, ct) -> np.ndarray | None:
     return None if not bones else ct.centroid([bones[int(rng.integers(len(bones)))]])
 
 
+def _femoral_neck_kwire(rng, ct) -> Tool | None:
+    """A guide wire for a cannulated hip screw: from the lateral femoral cortex up the neck into the head."""
+    sides = [(name, 1.0 if name == "left hip" else -1.0) for name in ("left hip", "right hip") if name in ct.anchors]
+    if not sides:
+        return None
+    name, side = sides[int(rng.integers(len(sides)))]
+    head = ct.anchors[name] + rng.normal(0, 4, 3)
+    neck_shaft = np.radians(rng.uniform(35, 50))  # the wire's angle below the horizontal (neck-shaft ~130 deg)
+    outward = _unit(PATIENT_LEFT * side * np.cos(neck_shaft) - SUPERIOR * np.sin(neck_shaft)
+                    + ANTERIOR * rng.normal(0, 0.15))
+    length = rng.uniform(150, 230)  # tip in the head; the rest runs out through the thigh into the air
+    return Tool("k-wire", [Cylinder(head + outward * length, head, rng.uniform(1.0, 1.6), rng.uniform(40, 60))])
+
+
 def _kwire(rng, ct) -> Tool | None:
+    if rng.random() < 0.6:
+        wire = _femoral_neck_kwire(rng, ct)
+        if wire is not None:
+            return wire
     target = _bone_target(rng, ct)
     if target is None:
         return None

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 
+# Channels of the fine path at stride 2 and at the input: the decoder runs them once per prompt, over 16x and
+# 64x the stride-4 grid's pixels, so they stay narrow (~20 M multiply-adds per prompt at 256 px).
+FINE_CHANNELS = (16, 8)
+
+
 @dataclass(frozen=True)
 class FluoroSAMConfig:
     name: str
@@ -26,6 +31,11 @@ class FluoroSAMConfig:
     # SAM 2's high-resolution features: backbone stages at 1/2 and 1/4 of the embedding stride are
     # added inside the decoder's mask upscaling, so mask edges follow the image instead of the grid.
     high_res_features: bool = False
+    # The fine-structure path (ours, after HQ-SAM's early-feature fusion): the patch-2 stem's stride-2 stage
+    # and a light convolution of the input itself refine the stride-4 mask features up to the input resolution,
+    # so that a wire a pixel or two wide can be drawn at all (the 4x grid leaves it a quarter of a cell).
+    # Needs high_res_features, a stride-2 stage (patch_size 2) and embed_stride 16 (a stride-4 mask grid).
+    fine_features: bool = False
     text_encoder: str = "minilm"  # "minilm" (packaged, offline) | "clip" (needs clip_path)
     clip_path: str = ""  # local folder of a Hugging Face CLIP model, used only with text_encoder="clip"
     text_dim: int = 384  # sentence-embedding width of the frozen text encoder
@@ -64,6 +74,9 @@ class FluoroSAMConfig:
         if self.high_res_features and self.patch_size > self.embed_stride // 4:
             raise ValueError(f"high_res_features needs a backbone stage at stride {self.embed_stride // 4}; "
                              f"patch_size {self.patch_size} starts at stride {self.patch_size}")
+        if self.fine_features and not (self.high_res_features and self.patch_size == 2 and self.embed_stride == 16):
+            raise ValueError("fine_features refines the stride-4 mask grid at stride 2 and 1: it needs "
+                             "high_res_features, a stride-2 stage (patch_size 2) and embed_stride 16")
         if self.single_mask_min_points < 0:
             raise ValueError(f"single_mask_min_points must be >= 0, got {self.single_mask_min_points}")
         if self.text_encoder not in ("minilm", "clip"):
@@ -75,9 +88,15 @@ class FluoroSAMConfig:
         return self.image_size // self.embed_stride
 
     @property
-    def mask_hw(self) -> int:
-        """Side of the low-resolution mask logits the decoder returns (4x the embedding, as SAM)."""
+    def prompt_mask_hw(self) -> int:
+        """Side of the mask features a dense (previous-mask) prompt is read at: 4x the embedding, as SAM."""
         return 4 * self.embed_hw
+
+    @property
+    def mask_hw(self) -> int:
+        """Side of the mask logits the decoder returns and takes back as a mask prompt: 4x the embedding as
+        SAM, or the input itself with ``fine_features``."""
+        return self.image_size if self.fine_features else self.prompt_mask_hw
 
     @property
     def high_res_shapes(self) -> list[tuple[int, int]]:
@@ -90,10 +109,17 @@ class FluoroSAMConfig:
         return [(self.embed_dim // 4, 2 * self.embed_hw), (self.embed_dim // 8, 4 * self.embed_hw)]
 
     @property
+    def fine_shapes(self) -> list[tuple[int, int]]:
+        """(channels, side) of the fine-structure features (stride 2, then the input's own); empty when disabled."""
+        if not self.fine_features:
+            return []
+        return [(FINE_CHANNELS[0], self.image_size // 2), (FINE_CHANNELS[1], self.image_size)]
+
+    @property
     def encoder_output_shapes(self) -> list[tuple[int, int]]:
-        """(channels, side) of every tensor the image encoder hands the decoder: the embedding, then the
-        high-res features. One definition for the model's checks, the export and the backends."""
-        return [(self.embed_dim, self.embed_hw), *self.high_res_shapes]
+        """(channels, side) of every tensor the image encoder hands the decoder: the embedding, the high-res
+        features, then the fine ones. One definition for the model's checks, the export and the backends."""
+        return [(self.embed_dim, self.embed_hw), *self.high_res_shapes, *self.fine_shapes]
 
     def to_dict(self) -> dict:
         out = asdict(self)

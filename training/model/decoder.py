@@ -8,6 +8,12 @@ Training batches several images, each with several prompts, so here the embeddin
 ``high_res_features`` (SAM 2's decoder): feature maps at 2x and 4x the embedding grid, added after
 each transposed convolution of the mask upscaling, also one per prompt or one shared.
 
+``fine_channels`` (ours, the fine-structure path): two more transposed convolutions take the stride-4 mask
+features to stride 2 and to the input, each adding that resolution's image features (the encoder's stride-2
+stage, a convolution of the input); a second hypernetwork per output token reads them, and its logits are added
+to the bilinearly upsampled stride-4 logits. Its last layer starts at zero: a warm start answers exactly as the
+model it came from, at input resolution.
+
 ``mask_aware_iou``: SAM's IoU head reads only the IoU token, which never sees the masks it scores; on
 X-rays it picked the best of the 3 masks little better than always taking the second one. The
 mask-aware head (ours) also reads, per mask, the decoder's upscaled features averaged inside and
@@ -16,6 +22,8 @@ outside the soft mask, its area and its stability (area at logit > 1 over area a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from torch import Tensor, nn
 
@@ -55,9 +63,21 @@ class MaskAwareIoUHead(nn.Module):
 
 
 class BatchedMaskDecoder(MaskDecoder):
-    def __init__(self, *args, mask_aware_iou: bool = False, **kwargs) -> None:
+    def __init__(self, *args, mask_aware_iou: bool = False, fine_channels: tuple[int, int] | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.mask_aware_iou = mask_aware_iou
+        self.fine_channels = fine_channels
+        if fine_channels:
+            dim = kwargs["transformer_dim"]
+            stride2, full = fine_channels
+            self.fine_upscaling = nn.ModuleList([
+                nn.ConvTranspose2d(dim // 8, stride2, kernel_size=2, stride=2), LayerNorm2d(stride2), nn.GELU(),
+                nn.ConvTranspose2d(stride2, full, kernel_size=2, stride=2), nn.GELU()])
+            self.fine_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, full, 3) for _ in range(self.num_mask_tokens))
+            for mlp in self.fine_hypernetworks_mlps:
+                nn.init.zeros_(mlp.layers[-1].weight)
+                nn.init.zeros_(mlp.layers[-1].bias)
         if mask_aware_iou:
             dim = kwargs["transformer_dim"]
             self.iou_prediction_head = MaskAwareIoUHead(dim, dim // 8, self.num_mask_tokens,
@@ -76,6 +96,8 @@ class BatchedMaskDecoder(MaskDecoder):
                              "per-token output row")
         self.mask_tokens.weight[target] = self.mask_tokens.weight[source]
         self.output_hypernetworks_mlps[target].load_state_dict(self.output_hypernetworks_mlps[source].state_dict())
+        if self.fine_channels:
+            self.fine_hypernetworks_mlps[target].load_state_dict(self.fine_hypernetworks_mlps[source].state_dict())
         last = self.iou_prediction_head.layers[-1]
         last.weight[target] = last.weight[source]
         last.bias[target] = last.bias[source]
@@ -102,8 +124,11 @@ class BatchedMaskDecoder(MaskDecoder):
         mask_tokens_out = hs[:, 1: (1 + self.num_mask_tokens), :]
 
         src = src.transpose(1, 2).reshape(b, c, h, w)
+        expected = 4 if self.fine_channels else 2
+        if high_res_features and len(high_res_features) != expected:
+            raise ValueError(f"{len(high_res_features)} high-res feature maps; this decoder takes {expected}")
         if high_res_features:
-            coarse, fine = high_res_features
+            coarse, fine = high_res_features[:2]
             upconv1, norm1, act1, upconv2, act2 = self.output_upscaling
             upscaled = act2(upconv2(act1(norm1(upconv1(src) + coarse))) + fine)
         else:
@@ -112,8 +137,21 @@ class BatchedMaskDecoder(MaskDecoder):
                                dim=1)
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        if self.mask_aware_iou:
+        if self.mask_aware_iou:  # judged on the stride-4 masks and features, where both live
             iou_pred = self.iou_prediction_head(iou_token_out, masks, upscaled)
         else:
             iou_pred = self.iou_prediction_head(iou_token_out)
+        if self.fine_channels:
+            masks = self._fine_logits(upscaled, mask_tokens_out, masks, *high_res_features[2:])
         return masks, iou_pred
+
+    def _fine_logits(self, upscaled: Tensor, mask_tokens_out: Tensor, masks: Tensor, stride2: Tensor,
+                     full: Tensor) -> Tensor:
+        """Stride-4 logits (N, K, h, w) -> input-resolution logits (N, K, 4h, 4w): bilinear plus the fine path."""
+        up1, norm, act1, up2, act2 = self.fine_upscaling
+        features = act2(up2(act1(norm(up1(upscaled) + stride2))) + full)
+        hyper = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.fine_hypernetworks_mlps)],
+                            dim=1)
+        n, c, h, w = features.shape
+        fine = (hyper @ features.reshape(n, c, h * w)).reshape(n, -1, h, w)
+        return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False) + fine

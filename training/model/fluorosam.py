@@ -9,7 +9,7 @@ from segment_anything.modeling.prompt_encoder import PromptEncoder
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import Tensor, nn
 
-from .config import FluoroSAMConfig
+from .config import FINE_CHANNELS, FluoroSAMConfig
 from .decoder import BatchedMaskDecoder
 from .image_encoder import SwinImageEncoder
 from .text import SentenceEncoder, TextEncoding, VectorQuantizer, get_sentence_encoder
@@ -33,7 +33,8 @@ class FluoroSAM(nn.Module):
             transformer=TwoWayTransformer(depth=config.decoder_depth, embedding_dim=dim,
                                           num_heads=config.decoder_heads, mlp_dim=config.decoder_mlp_dim),
             num_multimask_outputs=config.num_multimask_outputs, iou_head_depth=3,
-            iou_head_hidden_dim=config.iou_head_hidden_dim, mask_aware_iou=config.mask_aware_iou_head)
+            iou_head_hidden_dim=config.iou_head_hidden_dim, mask_aware_iou=config.mask_aware_iou_head,
+            fine_channels=FINE_CHANNELS if config.fine_features else None)
         # Sentence embeddings of every training phrase (float16), for the vocabulary-similarity OOV score.
         self.register_buffer("phrase_table", torch.zeros(0, config.text_dim, dtype=torch.float16))
         # Calibrated OOV thresholds (from model.json); the defaults refuse nothing.
@@ -45,7 +46,8 @@ class FluoroSAM(nn.Module):
         """(B, 1, S, S) normalized images -> (embeddings (B, 256, h, w), *high-res features).
 
         The high-res features ((B, 64, 2h, 2w), (B, 32, 4h, 4w)) exist only with
-        ``config.high_res_features``; the tuple is what :meth:`decode` takes.
+        ``config.high_res_features``, the fine ones ((B, 16, S/2, S/2), (B, 8, S, S)) only with
+        ``config.fine_features``; the tuple is what :meth:`decode` takes.
         """
         return self.image_encoder(images)
 
@@ -101,7 +103,7 @@ class FluoroSAM(nn.Module):
     # --------------------------------------------------------------------------------------- decoder
     def decode(self, image_embeddings: tuple[Tensor, ...], text_tokens: Tensor, point_coords: Tensor | None = None,
                point_labels: Tensor | None = None, mask_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Decode N prompts -> SAM's multimask output: mask logits (N, 3, 4h, 4w) and predicted IoU (N, 3).
+        """Decode N prompts -> SAM's multimask output: mask logits (N, 3, m, m) and predicted IoU (N, 3).
 
         Arguments as :meth:`decode_all_tokens`, which also returns the single-mask token's output.
         """
@@ -111,13 +113,14 @@ class FluoroSAM(nn.Module):
     def decode_all_tokens(self, image_embeddings: tuple[Tensor, ...], text_tokens: Tensor,
                           point_coords: Tensor | None = None, point_labels: Tensor | None = None,
                           mask_input: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Decode N prompts -> mask logits (N, 4, 4h, 4w) and predicted IoU (N, 4) of all of SAM's output
-        tokens: index 0 the single-mask token, 1..3 the three ambiguity-aware masks.
+        """Decode N prompts -> mask logits (N, 4, m, m) (m = ``config.mask_hw``: 4x the embedding, or the input
+        with the fine path) and predicted IoU (N, 4) of all of SAM's output tokens: index 0 the single-mask
+        token, 1..3 the three ambiguity-aware masks.
 
         ``image_embeddings`` is what :meth:`encode_image` returns, each tensor with batch N (one image
         per prompt) or 1 (shared by all prompts); ``point_coords``
         (N, P, 2) in model-input pixels with ``point_labels`` (N, P) 1 positive / 0 negative / -1 padding;
-        ``mask_input`` (N, 1, 4h, 4w) previous mask logits used as the dense prompt.
+        ``mask_input`` (N, 1, m, m) previous mask logits (what this method returned) used as the dense prompt.
         """
         n = text_tokens.shape[0]
         hw = self.config.embed_hw
@@ -133,10 +136,12 @@ class FluoroSAM(nn.Module):
         if point_coords is not None and (point_coords.shape[0] != n or point_labels.shape != point_coords.shape[:2]):
             raise ValueError(f"points {tuple(point_coords.shape)} / labels {tuple(point_labels.shape)} "
                              f"do not match {n} prompts")
-        if mask_input is not None and mask_input.shape != (n, 1, 4 * hw, 4 * hw):
-            raise ValueError(f"mask_input must be ({n}, 1, {4 * hw}, {4 * hw}), got {tuple(mask_input.shape)}")
+        m = self.config.mask_hw
+        if mask_input is not None and mask_input.shape != (n, 1, m, m):
+            raise ValueError(f"mask_input must be ({n}, 1, {m}, {m}), got {tuple(mask_input.shape)}")
         points = None if point_coords is None else (point_coords.float(), point_labels)
-        point_tokens, dense = self.prompt_encoder(points=points, boxes=None, masks=mask_input)
+        point_tokens, dense = self.prompt_encoder(points=points, boxes=None,
+                                                  masks=None if mask_input is None else self.prompt_mask(mask_input))
         sparse = text_tokens[:, None, :]
         if points is not None:
             sparse = torch.cat([sparse, point_tokens], dim=1)
@@ -144,6 +149,10 @@ class FluoroSAM(nn.Module):
             image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense, high_res_features=tuple(high_res))
         return masks, iou_pred
+
+    def prompt_mask(self, mask_logits: Tensor) -> Tensor:
+        """(N, 1, m, m) returned logits -> the dense prompt's input (see :func:`prompt_mask`)."""
+        return prompt_mask(mask_logits, self.config)
 
     def choose_output(self, mask_logits: Tensor, iou_pred: Tensor,
                       point_labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,9 +168,18 @@ class FluoroSAM(nn.Module):
         return mask_logits[rows, best], iou_pred[rows, best]
 
     def upsample_to_input(self, mask_logits: Tensor) -> Tensor:
-        """(N, K, 4h, 4w) logits -> (N, K, S, S) over the square model input."""
+        """(N, K, m, m) logits -> (N, K, S, S) over the square model input (already there with the fine path)."""
         size = self.config.image_size
+        if mask_logits.shape[-1] == size:
+            return mask_logits
         return F.interpolate(mask_logits, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def prompt_mask(mask_logits: Tensor, config: FluoroSAMConfig) -> Tensor:
+    """(N, 1, m, m) logits as the decoder returns them -> (N, 1, 4h, 4w), the side SAM's mask prompt reads (area
+    mean; identity without the fine path). One definition for training, evaluation and the exported decoder."""
+    factor = config.mask_hw // config.prompt_mask_hw
+    return mask_logits if factor == 1 else F.avg_pool2d(mask_logits, factor)
 
 
 def choose_output(mask_logits: Tensor, iou_pred: Tensor, point_labels: Tensor | None,

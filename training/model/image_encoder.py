@@ -10,6 +10,10 @@ With ``high_res_features`` the stages at 1/2 and 1/4 of the embedding stride als
 Swin stages run at std ~5-25, whose gradients would dominate the clipped global norm) for the
 decoder's mask upscaling. The projections start at zero, so a checkpoint without them warm-starts
 to exactly its old masks.
+
+With ``fine_features`` two more maps leave it for the decoder's fine path: the stride-2 stage (the patch-2
+stem's first Swin stage; LayerNorm2d + 1x1 projection as above) and a two-layer 3x3 convolution of the input
+image at full resolution. Both are per image, so a held frame reuses them like the embedding.
 """
 from __future__ import annotations
 
@@ -51,10 +55,18 @@ class SwinImageEncoder(nn.Module):
         for projection in self.high_res:
             nn.init.zeros_(projection[1].weight)
             nn.init.zeros_(projection[1].bias)
-        self.feature_indices = sorted(set(self.stage_indices) | set(self.high_res_indices))
+        self.fine_index = strides.index(2) if config.fine_features else None
+        if config.fine_features:
+            (stride2_channels, _), (full_channels, _) = config.fine_shapes
+            self.stride2 = nn.Sequential(LayerNorm2d(channels[self.fine_index]),
+                                         nn.Conv2d(channels[self.fine_index], stride2_channels, kernel_size=1))
+            self.full_res = nn.Sequential(nn.Conv2d(1, full_channels, kernel_size=3, padding=1), nn.GELU(),
+                                          nn.Conv2d(full_channels, full_channels, kernel_size=3, padding=1))
+        self.feature_indices = sorted(set(self.stage_indices) | set(self.high_res_indices)
+                                      | ({self.fine_index} if config.fine_features else set()))
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        """(B, 1, S, S) normalized images -> (embedding (B, 256, S/stride, S/stride), *high-res features)."""
+        """(B, 1, S, S) normalized images -> (embedding (B, 256, S/stride, S/stride), *high-res, *fine features)."""
         size = self.config.image_size
         if images.ndim != 4 or images.shape[1] != 1 or images.shape[2:] != (size, size):
             raise ValueError(f"expected images of shape (B, 1, {size}, {size}), got {tuple(images.shape)}")
@@ -68,4 +80,5 @@ class SwinImageEncoder(nn.Module):
                 x = F.interpolate(x, size=(hw, hw), mode="bilinear", align_corners=False)
             fused = x if fused is None else fused + x
         high_res = tuple(projection(features[i]) for i, projection in zip(self.high_res_indices, self.high_res))
-        return (self.neck(fused), *high_res)
+        fine = (self.stride2(features[self.fine_index]), self.full_res(images)) if self.config.fine_features else ()
+        return (self.neck(fused), *high_res, *fine)
