@@ -284,3 +284,19 @@ def test_device_prompts_get_centreline_and_tip_scores(tmp_path, perfect):
     write_records(raw["records"], tmp_path / "records.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert all(("centreline_f1" in r) == (r["prompt"] == "left lung") for r in rows)
+
+
+def test_tip_error_in_mm_follows_the_detector_pixel_pitch():
+    """A render's pixel is fov / size in the isocenter plane, magnified sdd / sod on the detector: a tip 2 px off
+    on a 256-px, 320-mm view at magnification 1.5 is 3.75 mm off; a film (no geometry) has no mm figure."""
+    from training.data.geometry import detector_pixel_mm
+    from training.evaluate import device_scores
+
+    pitch = detector_pixel_mm({"fov_mm": 320.0, "sdd_mm": 1200.0, "sod_mm": 800.0}, 256)
+    assert pitch == pytest.approx(1.875)
+    truth = np.zeros((64, 64), bool)
+    truth[10:50, 30:32] = True
+    shifted = np.roll(truth, 2, axis=0)
+    scores = device_scores(shifted, truth, pitch)
+    assert scores["tip_error_mm"] == pytest.approx(scores["tip_error_px"] * pitch)
+    assert device_scores(shifted, truth)["tip_error_mm"] is None

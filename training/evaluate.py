@@ -44,7 +44,7 @@ MIN_SCORE_USEFUL_IOU = 0.5  # min_score separates masks with IoU >= this from wo
 LARGEST_K = 15
 RECORDS_FILE = "records.jsonl"  # one row per item, prompt and click count: what `fluorosam compare` pairs
 RECORD_FIELDS = ("iou", "dice", "score", "hit_px", "pred_px", "gt_px")
-DEVICE_FIELDS = ("centreline_precision", "centreline_recall", "centreline_f1", "tip_error_px")
+DEVICE_FIELDS = ("centreline_precision", "centreline_recall", "centreline_f1", "tip_error_px", "tip_error_mm")
 OVERLAY_FIRST = ("left lung", "right lung", "heart")
 
 
@@ -53,6 +53,7 @@ class EvalItem:
     id: str
     image: np.ndarray  # frame as stored (uint8/uint16/float)
     masks: dict[str, np.ndarray]  # prompt -> bool (H, W) at the frame's resolution
+    detector_pixel_mm: float | None = None  # a frame pixel's pitch on the detector, where the geometry is known
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -84,6 +85,7 @@ def load_eval_items(folder: str | Path, classes: list[str] | None = None,
     manifest = json.loads(manifest_path.read_text())
     wanted = None if classes is None else set(classes)
     if "shards" in manifest:
+        from training.data.geometry import detector_pixel_mm
         from training.data.shards import ShardDataset
 
         dataset = ShardDataset(folder, augment=augment)
@@ -91,7 +93,9 @@ def load_eval_items(folder: str | Path, classes: list[str] | None = None,
             item = dataset[i]
             masks = {name: item["masks"][c] for c, name in enumerate(dataset.classes)
                      if item["present"][c] and (wanted is None or name in wanted)}
-            yield EvalItem(f"{folder.name}-{i}", item["image"], masks)
+            pose = dataset.items[i].get("pose")
+            yield EvalItem(f"{folder.name}-{i}", item["image"], masks,
+                           detector_pixel_mm(pose, dataset.image_size) if pose else None)
         return
     if "items" not in manifest:
         raise ValueError(f"{manifest_path}: expected an 'items' list (eval-set) or 'shards' (shard folder)")
@@ -106,7 +110,7 @@ def load_eval_items(folder: str | Path, classes: list[str] | None = None,
             if mask.shape != image.shape[:2]:
                 raise ValueError(f"{rel}: mask {mask.shape} does not match image {image.shape[:2]}")
             masks[prompt] = mask
-        yield EvalItem(str(entry.get("id", Path(entry["image"]).stem)), image, masks)
+        yield EvalItem(str(entry.get("id", Path(entry["image"]).stem)), image, masks, entry.get("detector_pixel_mm"))
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -244,11 +248,14 @@ class TorchPredictor:
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def device_scores(pred: np.ndarray, gt: np.ndarray) -> dict:
+def device_scores(pred: np.ndarray, gt: np.ndarray, pixel_mm: float | None = None) -> dict:
     """A device's record fields beside IoU: centreline precision / recall / F1 within the tolerance and the
-    tip error in pixels (fluorosam_common.thin; None where undefined, e.g. no predicted centreline)."""
+    tip error in pixels and, where the frame's detector pixel pitch ``pixel_mm`` is known (renders), in mm at the
+    detector (fluorosam_common.thin; None where undefined, e.g. no predicted centreline)."""
     scores = centreline_scores(pred, gt)
-    return {f"centreline_{k}": v for k, v in scores.items()} | {"tip_error_px": tip_error_px(pred, gt)}
+    tip = tip_error_px(pred, gt)
+    return {f"centreline_{k}": v for k, v in scores.items()} | {
+        "tip_error_px": tip, "tip_error_mm": None if tip is None or pixel_mm is None else tip * pixel_mm}
 
 
 def evaluate_items(predictor: Predictor, items, point_counts: list[int],
@@ -287,7 +294,7 @@ def evaluate_items(predictor: Predictor, items, point_counts: list[int],
                     if candidates is not None:
                         record["best_of_k_iou"] = max(mask_iou(c, gt) for c in candidates[k])
                     if prompt in device_prompts:
-                        record.update(device_scores(pred, gt))
+                        record.update(device_scores(pred, gt, item.detector_pixel_mm))
                     records[round_index].append(record)
             if round_index == 0 and len(overlays) < overlay_limit:
                 overlays.append({"id": item.id, "image": item.image, "prompts": prompts, "gts": gts, "preds": preds})
@@ -499,7 +506,8 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
     if devices:
         lines += ["", f"Devices: centreline precision / recall / F1 within {CENTRELINE_TOLERANCE_PX:g} px (skeletons "
                   "matched within the tolerance) and tip error in pixels (tip: the centreline end farthest from where "
-                  "the device enters the frame), means over the items where each is defined.", "",
+                  "the device enters the frame; in mm at the detector where the geometry is known), means over the items where "
+                  "each is defined.", "",
                   "| device | " + " | ".join(f"{c} pt: precision / recall / F1, tip px" for c in counts) + " |",
                   "|---|" + "---|" * len(counts)]
         for name in devices:
@@ -507,6 +515,8 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
             for c in counts:
                 row = metrics["points"][c]["per_class"][name]
                 tip = "-" if row["tip_error_px"] is None else f"{row['tip_error_px']:.1f}"
+                if row.get("tip_error_mm") is not None:
+                    tip += f" ({row['tip_error_mm']:.1f} mm)"
                 cells.append(" / ".join(fraction(row[f"centreline_{k}"]) for k in ("precision", "recall", "f1"))
                              + f", {tip}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")

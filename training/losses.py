@@ -76,9 +76,10 @@ def multimask_loss(mask_logits: Tensor, iou_pred: Tensor, targets: Tensor, focal
     Segmentation loss is the minimum over the K masks (SAM's ambiguity-aware loss); the IoU head
     regresses the true IoU of every mask (target = coverage >= 0.5). Returns the loss terms and the
     best masks' IoU. ``thin`` (N,) bool marks prompts of thin classes (tools), whose masks also pay
-    ``centreline_weight`` x :func:`centreline_dice_loss` where their target is not empty. Soft (area-averaged) targets serve a loss at the decoder's low resolution; a
-    structure under half a low-resolution pixel wide then never reaches coverage 0.5, so training
-    defaults to targets at the model input (``training.train``'s ``loss_resolution``).
+    ``centreline_weight`` x :func:`centreline_dice_loss` where their target is not empty. Soft
+    (area-averaged) targets serve a loss at the decoder's low resolution; a structure under half a
+    low-resolution pixel wide then never reaches coverage 0.5, so training defaults to targets at the
+    model input (``training.train``'s ``loss_resolution``).
     """
     mask_logits, iou_pred = mask_logits.float(), iou_pred.float()  # losses in float32 under autocast
     t = targets[:, None].float().expand_as(mask_logits)

@@ -2,7 +2,8 @@
 
 ``manifest.json`` = ``{"items": [{"image": "a.png", "masks": {"left lung": "a_left_lung.png"}}]}``;
 images are 16-bit grayscale PNGs windowed exactly as training windows them (``fluorosam_common.frames.window``),
-masks are 8-bit PNGs with 255 = structure.
+masks are 8-bit PNGs with 255 = structure; items of renders also give ``detector_pixel_mm`` (tip errors in mm).
+A render made with known classes exports only those by default.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from fluorosam_common.frames import window
 
+from .geometry import detector_pixel_mm
 from .shards import ShardDataset, _atomic_write
 
 
@@ -27,6 +29,8 @@ def export_evalset(data: str | Path, out: str | Path, classes: list[str] | None 
                    ct_ids: list[str] | None = None, max_items: int | None = None, progress: bool = True) -> dict:
     """Write views of the shard folder ``data`` as an eval set in ``out``; returns its manifest."""
     dataset = ShardDataset(data, ct_ids=ct_ids)
+    if classes is None and "known_classes" in dataset.manifest:  # what the body's labels can judge, no more
+        classes = [c for c in dataset.classes if c in set(dataset.manifest["known_classes"])]
     if classes:
         unknown = [c for c in classes if c not in dataset.classes]
         if unknown:
@@ -48,7 +52,9 @@ def export_evalset(data: str | Path, out: str | Path, classes: list[str] | None 
                 file = f"{stem}_{_slug(name)}.png"
                 Image.fromarray(sample["masks"][c].astype(np.uint8) * 255).save(out / file)
                 masks[name] = file
-        items.append({"image": f"{stem}.png", "masks": masks, "ct_id": sample["ct_id"]})
+        pose = dataset.items[i].get("pose")
+        items.append({"image": f"{stem}.png", "masks": masks, "ct_id": sample["ct_id"],
+                      **({"detector_pixel_mm": detector_pixel_mm(pose, dataset.image_size)} if pose else {})})
     manifest = {"items": items, "source": str(Path(data).resolve())}
     _atomic_write(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest

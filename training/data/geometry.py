@@ -94,6 +94,12 @@ class Camera:
         return np.stack([col, row], axis=-1)
 
 
+def detector_pixel_mm(pose: dict, size: int) -> float:
+    """A render's pixel pitch on the detector (a pose as the manifest stores it): the isocenter-plane pitch
+    (fov / size) times the magnification sdd / sod. Tip errors in mm use it."""
+    return pose["fov_mm"] / size * pose["sdd_mm"] / pose["sod_mm"]
+
+
 def camera(pose: CArmPose, size: int) -> Camera:
     """The rays' geometry for ``pose`` with a ``size`` x ``size`` detector, display convention applied."""
     if pose.base not in ("AP", "PA"):

@@ -168,7 +168,8 @@ def render_dataset(cts: list[CTSpec], out: str | Path, views: int, size: int, se
     if (out / MANIFEST).exists():
         old = read_manifest(out)
         same = (old.get("render") == settings and old["image_size"] == size and old["classes"] == vocab.names
-                and old["vocabulary_sha256"] == vocab.sha256 and old.get("known_classes") == manifest.get("known_classes"))
+                and old["vocabulary_sha256"] == vocab.sha256
+                and old.get("known_classes") == manifest.get("known_classes"))
         if same:
             manifest = old
         elif not overwrite:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-
 # Channels of the fine path at stride 2 and at the input: the decoder runs them once per prompt, over 16x and
 # 64x the stride-4 grid's pixels, so they stay narrow (~20 M multiply-adds per prompt at 256 px).
 FINE_CHANNELS = (16, 8)

@@ -123,7 +123,6 @@ class FluoroSAM(nn.Module):
         ``mask_input`` (N, 1, m, m) previous mask logits (what this method returned) used as the dense prompt.
         """
         n = text_tokens.shape[0]
-        hw = self.config.embed_hw
         expected = self.config.encoder_output_shapes
         got = [tuple(t.shape) for t in image_embeddings] if isinstance(image_embeddings, (tuple, list)) else None
         if got is None or len(got) != len(expected) or any(
