@@ -506,8 +506,8 @@ def write_markdown(metrics: dict, path: Path, title: str) -> None:
     if devices:
         lines += ["", f"Devices: centreline precision / recall / F1 within {CENTRELINE_TOLERANCE_PX:g} px (skeletons "
                   "matched within the tolerance) and tip error in pixels (tip: the centreline end farthest from where "
-                  "the device enters the frame; in mm at the detector where the geometry is known), means over the items where "
-                  "each is defined.", "",
+                  "the device enters the frame; in mm at the detector where the geometry is known), means over the "
+                  "items where each is defined.", "",
                   "| device | " + " | ".join(f"{c} pt: precision / recall / F1, tip px" for c in counts) + " |",
                   "|---|" + "---|" * len(counts)]
         for name in devices:
