@@ -209,7 +209,7 @@ def test_inspiration_stretch_lowers_the_lung_base_under_a_fixed_apex():
 def test_surgical_views_aim_only_where_the_body_reaches():
     """The pelvis, lumbar and hip families are drawn for a body with those anchors and never for one without;
     asking for one the body lacks is a clear error; inlet and outlet tilt both ways."""
-    from training.data.geometry import VIEW_FAMILIES, sample_pose
+    from training.data.geometry import VIEW_FAMILIES
 
     chest_only = {"chest": np.zeros(3), "heart": np.ones(3)}
     families = {sample_pose(np.random.default_rng(s), chest_only).family for s in range(200)}

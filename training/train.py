@@ -353,8 +353,7 @@ class TrainingStep(nn.Module):
             targets = F.avg_pool2d(masks[image_index, class_index][:, None].float(), factor)[:, 0]
             scored, to_input_px = (lambda x: x), (lambda xy: xy * factor + (factor - 1) / 2)
         all_logits, all_iou = model.decode_all_tokens(embeddings, tokens)
-        self._thin = thin
-        loss, first, single, prev_low = self._score_round(all_logits, all_iou, targets, scored, clicks=0)
+        loss, first, single, prev_low = self._score_round(all_logits, all_iou, targets, scored, clicks=0, thin=thin)
         out = {"mask": first["mask"].detach(), "iou_head": first["iou_head"].detach(),
                "iou_text": first["best_iou"]}
         if single is not None:
@@ -377,7 +376,7 @@ class TrainingStep(nn.Module):
                     labels = torch.cat([labels, label], 1)
                 all_logits, all_iou = model.decode_all_tokens(embeddings, tokens, coords, labels, prev_low)
                 round_total, round_loss, single, prev_low = self._score_round(all_logits, all_iou, targets, scored,
-                                                                              clicks=coords.shape[1])
+                                                                              clicks=coords.shape[1], thin=thin)
                 if single is not None:
                     out["iou_single"] = single["best_iou"]
                 loss = loss + round_total / len(rounds)
@@ -388,19 +387,20 @@ class TrainingStep(nn.Module):
         return out
 
     def _score_round(self, all_logits: Tensor, all_iou: Tensor, targets: Tensor, scored: Callable[[Tensor], Tensor],
-                     clicks: int) -> tuple[Tensor, dict, dict | None, Tensor]:
+                     clicks: int, thin: Tensor | None = None) -> tuple[Tensor, dict, dict | None, Tensor]:
         """One round's loss (best of the 3 masks, plus token 0's one mask where the output rule answers a prompt
         with ``clicks`` clicks with it), the multimask and single-mask loss terms (None where the token does not
-        answer) and the (N, 1, h, w) logits fed back to the next round: what inference would answer with."""
+        answer) and the (N, 1, h, w) logits fed back to the next round: what inference would answer with. ``thin``
+        (N,) marks the prompts that also pay the centreline term."""
         options = self.options
-        thin = dict(thin=self._thin, centreline_weight=options.centreline_weight)
+        centreline = dict(thin=thin, centreline_weight=options.centreline_weight)
         multi = multimask_loss(scored(all_logits[:, 1:]), all_iou[:, 1:], targets, options.focal_weight,
-                               options.focal_alpha, **thin)
+                               options.focal_alpha, **centreline)
         total = multi["mask"] + multi["iou_head"]
         if not answers_with_single_mask(clicks, options.single_mask_min_points, options.single_mask_text_only):
             return total, multi, None, self._feedback(all_logits[:, 1:], all_iou[:, 1:], multi["best_index"])
         single = multimask_loss(scored(all_logits[:, :1]), all_iou[:, :1], targets, options.focal_weight,
-                                options.focal_alpha, **thin)
+                                options.focal_alpha, **centreline)
         return total + single["mask"] + single["iou_head"], multi, single, all_logits[:, :1].detach()
 
     def _feedback(self, logits: Tensor, iou_pred: Tensor, best_index: Tensor) -> Tensor:

@@ -28,9 +28,9 @@ def load_body(source: str):
     from .ct import load_ct
 
     if source == "example":
-        return load_ct(voxel_mm=2.5)
+        return load_ct()
     folder = Path(source)
-    return load_ct(folder / "ct.nii.gz", folder / "labels.nii.gz", ct_id=folder.name, voxel_mm=2.5)
+    return load_ct(folder / "ct.nii.gz", folder / "labels.nii.gz", ct_id=folder.name)
 
 
 def contrasts(image: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, float]:

@@ -22,9 +22,10 @@ ANCHOR_GROUPS = {
     "left lung": (10, 11), "right lung": (12, 13, 14), "heart": (51,), "trachea": (16,), "liver": (5,),
     "thoracic spine": tuple(range(32, 44)), "lumbar spine": tuple(range(27, 32)), "aorta": (52,), "stomach": (6,),
     "sternum": (116,),
-    # surgical views below the chest (geometry.VIEW_FAMILIES anchors): pelvis, lumbar spine, either hip
-    "pelvis": (25, 77, 78), "left hip": (75, 77), "right hip": (76, 78),
+    "pelvis": (25, 77, 78),  # the surgical views below the chest (geometry.VIEW_FAMILIES anchors)
 }
+# Hip views aim at the joint (femur id, hip bone id): see _hip_joint.
+HIP_ANCHORS = {"left hip": (75, 77), "right hip": (76, 78)}
 
 
 @dataclass
@@ -121,9 +122,13 @@ def load_ct(volume: str | Path | None = None, labels: str | Path | None = None, 
 def _anchors(ct: CTVolume) -> dict[str, np.ndarray]:
     anchors = {}
     for name, ids in ANCHOR_GROUPS.items():
-        c = ct.centroid(ids) if not name.endswith(" hip") else _hip_joint(ct, *ids)
+        c = ct.centroid(ids)
         if c is not None:
             anchors[name] = c
+    for name, (femur, hip_bone) in HIP_ANCHORS.items():
+        joint = _hip_joint(ct, femur, hip_bone)
+        if joint is not None:
+            anchors[name] = joint
     lungs = ct.centroid(LUNG_IDS)
     anchors["chest"] = lungs if lungs is not None else ct.voxel_to_world((np.array(ct.labels.shape) - 1) / 2)
     return anchors

@@ -29,8 +29,8 @@ def export_evalset(data: str | Path, out: str | Path, classes: list[str] | None 
                    ct_ids: list[str] | None = None, max_items: int | None = None, progress: bool = True) -> dict:
     """Write views of the shard folder ``data`` as an eval set in ``out``; returns its manifest."""
     dataset = ShardDataset(data, ct_ids=ct_ids)
-    if classes is None and "known_classes" in dataset.manifest:  # what the body's labels can judge, no more
-        classes = [c for c in dataset.classes if c in set(dataset.manifest["known_classes"])]
+    if classes is None and not dataset.known.all():  # what the body's labels can judge, no more
+        classes = [c for c, known in zip(dataset.classes, dataset.known) if known]
     if classes:
         unknown = [c for c in classes if c not in dataset.classes]
         if unknown:

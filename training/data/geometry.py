@@ -134,7 +134,7 @@ class ViewFamily:
     ``primary`` / ``secondary`` are ranges in degrees; ``signed_primary`` / ``signed_secondary`` draw the
     magnitude from the range and then a random sign (left and right laterals; pelvic inlet and outlet).
     ``anchors`` are the isocenter candidates (``CTVolume.anchors`` names): the family is only drawn for a
-    body that has one of them; None aims at any anchor.
+    body that has one of them; None aims at any anchor; ``spread_mm`` scatters the isocenter around it.
     """
 
     share: float
@@ -145,13 +145,14 @@ class ViewFamily:
     anchors: tuple[str, ...] | None = None
     signed_primary: bool = False
     signed_secondary: bool = False
+    spread_mm: float = 20.0  # standard deviation of the isocenter around its anchor, per axis
 
 
 # Chest-radiograph-like PA views get a large share because many real images are PA chest radiographs. The
 # surgical views (pelvis, inlet / outlet, lumbar spine, hip) exist for bodies whose labels reach there; the
 # oblique family covers any C-arm pose of yaw +-90 and tilt +-30 degrees around any anchor.
 VIEW_FAMILIES = {
-    "pa_chest": ViewFamily(0.35, "PA", (-8, 8), (-8, 8), (260, 330), ("chest",)),
+    "pa_chest": ViewFamily(0.35, "PA", (-8, 8), (-8, 8), (260, 330), ("chest",), spread_mm=10.0),
     "ap_fluoro": ViewFamily(0.25, "AP", (-45, 45), (-30, 30), (180, 320)),
     "pa_fluoro": ViewFamily(0.2, "PA", (-45, 45), (-30, 30), (180, 320)),
     "lateral": ViewFamily(0.2, "AP", (75, 105), (-15, 15), (220, 330), signed_primary=True),
@@ -199,8 +200,7 @@ def sample_pose(rng: np.random.Generator, anchors: dict[str, np.ndarray], family
     sdd = float(rng.uniform(900, 1300))
     sod = float(sdd * rng.uniform(0.6, 0.78))
     fov_mm = float(rng.uniform(*view.fov))
-    spread = 10 if family == "pa_chest" else 20
-    iso = anchors[candidates[int(rng.integers(len(candidates)))]] + rng.normal(0, spread, 3)
+    iso = anchors[candidates[int(rng.integers(len(candidates)))]] + rng.normal(0, view.spread_mm, 3)
     if z_range is not None:
         half = 0.55 * fov_mm
         low, high = z_range[0] + half, z_range[1] - half

@@ -62,6 +62,11 @@ class MaskAwareIoUHead(nn.Module):
         return self.mlp(self.inputs(iou_token, mask_logits, features))[..., 0]
 
 
+def _per_token(mlps: nn.ModuleList, tokens: Tensor) -> Tensor:
+    """Each output token (N, K, D) through its own hypernetwork MLP -> (N, K, C)."""
+    return torch.stack([mlp(tokens[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
+
+
 class BatchedMaskDecoder(MaskDecoder):
     def __init__(self, *args, mask_aware_iou: bool = False, fine_channels: tuple[int, int] | None = None,
                  **kwargs) -> None:
@@ -133,8 +138,7 @@ class BatchedMaskDecoder(MaskDecoder):
             upscaled = act2(upconv2(act1(norm1(upconv1(src) + coarse))) + fine)
         else:
             upscaled = self.output_upscaling(src)
-        hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-                               dim=1)
+        hyper_in = _per_token(self.output_hypernetworks_mlps, mask_tokens_out)
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
         if self.mask_aware_iou:  # judged on the stride-4 masks and features, where both live
@@ -150,8 +154,7 @@ class BatchedMaskDecoder(MaskDecoder):
         """Stride-4 logits (N, K, h, w) -> input-resolution logits (N, K, 4h, 4w): bilinear plus the fine path."""
         up1, norm, act1, up2, act2 = self.fine_upscaling
         features = act2(up2(act1(norm(up1(upscaled) + stride2))) + full)
-        hyper = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.fine_hypernetworks_mlps)],
-                            dim=1)
+        hyper = _per_token(self.fine_hypernetworks_mlps, mask_tokens_out)
         n, c, h, w = features.shape
         fine = (hyper @ features.reshape(n, c, h * w)).reshape(n, -1, h, w)
         return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False) + fine
