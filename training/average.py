@@ -24,16 +24,30 @@ from safetensors.torch import load_file
 from training.model import FluoroSAM, save_checkpoint
 from training.model.checkpoint import WEIGHTS_FILE, checkpoint_provenance, model_from_state, read_meta
 
-MUST_BE_EQUAL = ("phrase_table", "phrase_table_scale")  # set from the vocabulary, never trained
+MUST_BE_EQUAL = ("phrase_table",)  # set from the vocabulary, never trained
+# The fine-structure mask path's tensors (FluoroSAMConfig.fine_features). A warm start that adds the path to a model
+# answers exactly as that model, so a fine-tune with the path and its start are one basin; the path's tensors exist
+# only in the fine-tune and are taken as averaged over the inputs that hold them.
+FINE_PATH_PREFIXES = ("image_encoder.full_res.", "image_encoder.stride2.", "mask_decoder.fine_")
 
 
 def _same_untrained(tensor: torch.Tensor, first: torch.Tensor) -> bool:
     """Integer buffers must be equal; the phrase table, the frozen sentence encoder's output recomputed by each
     run, may differ by float16 rounding (measured: 1.2e-4 at most, in 0.6 % of the entries, between a run on
-    the Xeon and one on the EPYC), which is the same table: the first input's is kept."""
+    the Xeon and one on the EPYC) and by a compact checkpoint's int8 rows (half a step of the row's scale), which
+    is the same table: the first input's is kept."""
     if not first.is_floating_point():
         return torch.equal(tensor, first)
-    return torch.allclose(tensor.float(), first.float(), rtol=4e-3, atol=2e-4)
+    int8_step = first.float().abs().amax(dim=-1, keepdim=True) / 127 if first.ndim == 2 else 0.0
+    return bool(((tensor.float() - first.float()).abs() <= int8_step + 2e-4 + 4e-3 * first.float().abs()).all())
+
+
+def _common_config(configs: list[dict]) -> dict:
+    """The inputs' one config; they may differ only in ``fine_features``, and then the output has the path."""
+    plain = [{k: v for k, v in c.items() if k != "fine_features"} for c in configs]
+    if any(p != plain[0] for p in plain[1:]):
+        raise ValueError("checkpoints differ in config: only fine-tunes of one model can be averaged")
+    return dict(configs[0], fine_features=any(c.get("fine_features", False) for c in configs))
 
 
 def _strictest(values: list, pick) -> float | None:
@@ -46,15 +60,19 @@ def average_checkpoints(model_dirs: list[str | Path]) -> tuple[FluoroSAM, dict]:
     if len(model_dirs) < 2:
         raise ValueError("average needs at least two checkpoints")
     metas = [read_meta(d) for d in model_dirs]
-    for key in ("config", "vocabulary_sha256"):
-        if any(m.get(key) != metas[0].get(key) for m in metas[1:]):
-            raise ValueError(f"checkpoints differ in {key}: only fine-tunes of one model can be averaged")
-    states = [load_file(str(Path(d) / WEIGHTS_FILE)) for d in model_dirs]
-    if any(s.keys() != states[0].keys() for s in states[1:]):
+    if any(m.get("vocabulary_sha256") != metas[0].get("vocabulary_sha256") for m in metas[1:]):
+        raise ValueError("checkpoints differ in vocabulary_sha256: only fine-tunes of one model can be averaged")
+    config = _common_config([m["config"] for m in metas])
+    # Through the model, so a compact (published) input's int8 phrase table and float16 weights read as trained.
+    states = [model_from_state(m, load_file(str(Path(d) / WEIGHTS_FILE))).state_dict()
+              for m, d in zip(metas, model_dirs)]
+    names = list(dict.fromkeys(name for s in states for name in s))
+    if any(name not in s and not name.startswith(FINE_PATH_PREFIXES) for s in states for name in names):
         raise ValueError("checkpoints hold different tensors")
     averaged = {}
-    for name, first in states[0].items():
-        tensors = [s[name] for s in states]
+    for name in names:
+        tensors = [s[name] for s in states if name in s]
+        first = tensors[0]
         if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors[1:]):
             raise ValueError(f"tensor {name} differs in shape or dtype between checkpoints")
         if name in MUST_BE_EQUAL or not first.is_floating_point():
@@ -66,7 +84,7 @@ def average_checkpoints(model_dirs: list[str | Path]) -> tuple[FluoroSAM, dict]:
     oovs = [m.get("oov") or {} for m in metas]
     strictest_oov = {"code_distance_max": _strictest([o.get("code_distance_max") for o in oovs], min),
                      "vocab_similarity_min": _strictest([o.get("vocab_similarity_min") for o in oovs], max)}
-    model = model_from_state({"config": metas[0]["config"], "oov": strictest_oov}, averaged)
+    model = model_from_state({"config": config, "oov": strictest_oov}, averaged)
     manifests = {m.get("data_manifest_sha256") for m in metas}
     meta = {"vocabulary_sha256": metas[0].get("vocabulary_sha256"),
             "data_manifest_sha256": manifests.pop() if len(manifests) == 1 else None,
