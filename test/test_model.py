@@ -329,3 +329,28 @@ def test_fine_path_answers_at_input_resolution_starting_as_the_model_it_warm_sta
 def test_fine_path_needs_a_stride_2_stage():
     with pytest.raises(ValueError, match="stride-2 stage"):
         dataclasses.replace(get_config("base"), fine_features=True)
+
+
+def test_average_of_a_model_and_its_fine_path_fine_tune(tmp_path):
+    """The shared tensors are averaged, the fine path's come from the input that has it; other configs are refused."""
+    from training.average import average_checkpoints
+
+    torch.manual_seed(6)
+    config = dataclasses.replace(MINI, swin_depths=(1, 1, 1, 1), swin_heads=(1, 2, 4, 8), embed_stride=16)
+    table = torch.randn(5, config.text_dim)
+    models = [FluoroSAM(config).eval(), FluoroSAM(dataclasses.replace(config, fine_features=True)).eval()]
+    records = [{}, {"training": {"bodies": ["phantom"], "initialized_from": {"training": {"bodies": ["chest"]}}}}]
+    for k, model in enumerate(models):
+        model.set_phrase_table(table)
+        save_checkpoint(model, tmp_path / str(k), {"vocabulary_sha256": "v", **records[k]})
+    averaged, meta = average_checkpoints([tmp_path / "0", tmp_path / "1"])
+    assert averaged.config.fine_features and meta["bodies"] == ["chest", "phantom"]  # down the warm-start chain
+    coarse, fine = (m.state_dict() for m in models)
+    for name, tensor in averaged.state_dict().items():
+        if name in coarse and tensor.is_floating_point() and name != "phrase_table":
+            torch.testing.assert_close(tensor, ((coarse[name].double() + fine[name].double()) / 2).float())
+        elif name not in coarse:
+            assert torch.equal(tensor, fine[name]), name
+    save_checkpoint(FluoroSAM(dataclasses.replace(config, decoder_depth=1)), tmp_path / "2", {"vocabulary_sha256": "v"})
+    with pytest.raises(ValueError, match="config"):
+        average_checkpoints([tmp_path / "0", tmp_path / "2"])

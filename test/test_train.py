@@ -460,3 +460,18 @@ def test_classes_a_body_does_not_label_are_never_prompted():
     for seed in range(10):
         _, classes = sample_prompts(batch["area"], 2, 2, torch.Generator().manual_seed(seed))
         assert 2 not in classes.tolist() and 1 in classes.tolist()  # class 1 is known absent; 2 unknown
+
+
+def test_presence_rates_count_only_the_views_that_know_a_class():
+    """A class a body does not label is neither rare nor common there: its rate is over the views that know it."""
+    from types import SimpleNamespace
+
+    from training.data.shards import presence_rates
+
+    classes = ["lungs", "pelvis", "guidewire"]
+    chest = SimpleNamespace(classes=classes, known=np.array([True, True, True]),
+                            items=[{"present": ["lungs"]}] * 9 + [{"present": ["lungs", "guidewire"]}])
+    phantom = SimpleNamespace(classes=classes, known=np.array([True, True, False]),
+                              items=[{"present": ["lungs", "pelvis"]}, {"present": ["pelvis"]}])
+    rates = presence_rates([chest, phantom])
+    assert rates.tolist() == pytest.approx([11 / 12, 2 / 12, 1 / 10])

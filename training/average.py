@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.model import FluoroSAM, save_checkpoint
-from training.model.checkpoint import WEIGHTS_FILE, checkpoint_provenance, model_from_state, read_meta
+from training.model.checkpoint import WEIGHTS_FILE, bodies_seen, checkpoint_provenance, model_from_state, read_meta
 
 MUST_BE_EQUAL = ("phrase_table",)  # set from the vocabulary, never trained
 # The fine-structure mask path's tensors (FluoroSAMConfig.fine_features). A warm start that adds the path to a model
@@ -92,6 +92,7 @@ def average_checkpoints(model_dirs: list[str | Path]) -> tuple[FluoroSAM, dict]:
             "metrics": {},
             # Each input as a warm start records it (weights hash, training record or its own ingredients).
             "averaged_from": [checkpoint_provenance(d) for d in model_dirs]}
+    meta["bodies"] = bodies_seen(meta)
     return model.eval(), meta
 
 

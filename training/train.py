@@ -70,6 +70,10 @@ class TrainOptions:
     # Present tool classes (guidewire, catheter, screw...) prompted per image on top of the others: at a few
     # hundred pixels among ~100 present anatomy classes, sqrt(area) weighting asks for a tool ~1 % of the time.
     tool_prompts_per_image: int = 1
+    # Non-tool classes present in fewer than this share of the views that know them are drawn first like the tools
+    # (same count per image): a body seen on few views (the phantoms' pelvis, femora, skull) otherwise reaches the
+    # text side a few dozen times in a run. 0 boosts only the tools.
+    rare_below: float = 0.0
     # Where the mask loss is computed: "input" upsamples the logits to the model input, as evaluation and
     # the node do (a 2-px guidewire is a 0.5-coverage stripe on the decoder's 4-px grid); "decoder" is the
     # cheaper low-resolution loss against area-averaged targets that the default's stages 1-7 used.
@@ -613,6 +617,17 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
     model.to(device)
     bank = PhraseBank(model, vocabulary, class_names)
     is_tool = torch.tensor([vocabulary.get(name).kind == "tool" for name in class_names])
+    boosted = is_tool.clone()
+    if options.rare_below > 0:
+        from training.data.shards import presence_rates
+
+        parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+        rates = torch.from_numpy(presence_rates(parts))
+        boosted |= (rates > 0) & (rates < options.rare_below)
+        if rank == 0:
+            rare = [name for name, b, t in zip(class_names, boosted.tolist(), is_tool.tolist()) if b and not t]
+            print(f"rare classes drawn first like the tools ({len(rare)}): {', '.join(rare[:12])}"
+                  + (" ..." if len(rare) > 12 else ""))
     if not resume and not options.init_from:
         with torch.no_grad():
             model.quantizer.initialize(model.project_text(bank.class_centroids().to(device)))
@@ -683,7 +698,7 @@ def run_training(model_config: FluoroSAMConfig, make_train_dataset: Callable[[in
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, options)
             image_index, class_index = sample_prompts(batch["area"], options.prompts_per_image,
-                                                      options.absent_per_image, generator, is_tool,
+                                                      options.absent_per_image, generator, boosted,
                                                       options.tool_prompts_per_image)
             prompt_emb = bank.sample_for_classes(class_index, generator)
             text_emb, text_labels = bank.sample_batch(options.text_batch, generator)
@@ -798,6 +813,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-prompts-per-image", type=int, default=d.tool_prompts_per_image,
                         help="present tool classes prompted per image on top of --prompts-per-image (tools are "
                              "small: area-weighted sampling alone rarely asks for one)")
+    parser.add_argument("--rare-below", type=float, default=d.rare_below,
+                        help="also draw first, like the tools, the classes present in fewer than this share of the "
+                             "views that know them (bodies seen on few views); 0: tools only")
     parser.add_argument("--loss-resolution", choices=LOSS_RESOLUTIONS, default=d.loss_resolution,
                         help="mask loss over the model input (logits upsampled, as evaluated; thin tools need it) "
                              "or at the decoder's 4x-embedding grid (cheaper, area-averaged targets)")
@@ -879,6 +897,7 @@ def main(args: argparse.Namespace) -> int:
     options = TrainOptions(
         steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
         prompts_per_image=args.prompts_per_image, tool_prompts_per_image=args.tool_prompts_per_image,
+        rare_below=args.rare_below,
         loss_resolution=args.loss_resolution, interactive_prob=args.interactive_prob,
         deepest_click_prob=args.deepest_click_prob, mask_only_rounds=args.mask_only_rounds,
         feedback=args.feedback, seed=args.seed, single_mask_min_points=args.single_mask_min_points,

@@ -97,6 +97,19 @@ def known_class_flags(manifest: dict) -> np.ndarray:
     return np.array([c in known for c in classes], bool)
 
 
+def presence_rates(parts: list[ShardDataset]) -> np.ndarray:
+    """(C,) share of the views that know each class in which it is present (0 where no view knows it), from the
+    manifests alone: how often sampling by area would even have the class to ask for."""
+    present = np.zeros(len(parts[0].classes))
+    known = np.zeros(len(parts[0].classes))
+    for part in parts:
+        index = {name: c for c, name in enumerate(part.classes)}
+        known += part.known * len(part.items)
+        for item in part.items:
+            present[[index[name] for name in item["present"] if name in index]] += 1
+    return np.divide(present, known, out=np.zeros_like(present), where=known > 0)
+
+
 def add_shard(manifest: dict, file: str, ct_id: str, items: list[dict]) -> None:
     """Register a completed shard and its items (each: seed, pose, present, tools); keeps files sorted."""
     entries = [(s, [it for it in manifest["items"] if it["shard"] == k]) for k, s in enumerate(manifest["shards"])]

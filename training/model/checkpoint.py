@@ -102,6 +102,17 @@ def checkpoint_provenance(checkpoint_dir: str | os.PathLike) -> dict:
     return record
 
 
+def bodies_seen(record: dict) -> list[str]:
+    """The bodies (CT ids) a model's weights learned from: its own training views' and, down the chain, those of
+    its warm start and of a weight average's inputs (``model.json`` or a provenance record)."""
+    training = record.get("training") or {}
+    bodies = set(training.get("bodies") or record.get("bodies") or [])
+    for source in (training.get("initialized_from"), *(record.get("averaged_from") or [])):
+        if source:
+            bodies.update(bodies_seen(source))
+    return sorted(bodies)
+
+
 def model_from_state(meta: dict, state: dict[str, torch.Tensor]) -> FluoroSAM:
     """The model that ``meta`` (a ``model.json`` document: config, OOV thresholds) and ``state`` describe.
 
