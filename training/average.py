@@ -5,9 +5,11 @@ default differ from it by about 5 % of the weights' norm, from each other by 6-7
 weights is itself a model, often better than each ("model soups", Wortsman et al., 2022). Measured here
 (2026-12-03, training log): the mean of three warm starts gained +0.009 / +0.014 on the renders' 15 largest
 with 3 / 5 clicks against the start, more than any of the three, but not on the real films' lungs text-only.
+The default since 2026-12-07 is such a mean of a start and its fine-tune with the fine path (training log).
 
 Every floating-point tensor is averaged in float64 and cast back to its dtype. Tensors that training does not
-change (the phrase table, integer buffers) must be equal in all inputs, the phrase table up to float16 rounding.
+change (the phrase table, integer buffers) must be equal in all inputs, the phrase table up to float16 or int8
+rounding (a published input).
 The out-of-vocabulary thresholds and ``min_score`` belong to one model's code distances and scores, so the output
 takes the strictest of the inputs' until it is calibrated again (``fluorosam evaluate --calibrate`` on a val set).
 """
