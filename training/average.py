@@ -27,10 +27,6 @@ from training.model import FluoroSAM, save_checkpoint
 from training.model.checkpoint import WEIGHTS_FILE, bodies_seen, checkpoint_provenance, model_from_state, read_meta
 
 MUST_BE_EQUAL = ("phrase_table",)  # set from the vocabulary, never trained
-# The fine-structure mask path's tensors (FluoroSAMConfig.fine_features). A warm start that adds the path to a model
-# answers exactly as that model, so a fine-tune with the path and its start are one basin; the path's tensors exist
-# only in the fine-tune and are taken as averaged over the inputs that hold them.
-FINE_PATH_PREFIXES = ("image_encoder.full_res.", "image_encoder.stride2.", "mask_decoder.fine_")
 
 
 def _same_untrained(tensor: torch.Tensor, first: torch.Tensor) -> bool:
@@ -68,9 +64,10 @@ def average_checkpoints(model_dirs: list[str | Path]) -> tuple[FluoroSAM, dict]:
     # Through the model, so a compact (published) input's int8 phrase table and float16 weights read as trained.
     states = [model_from_state(m, load_file(str(Path(d) / WEIGHTS_FILE))).state_dict()
               for m, d in zip(metas, model_dirs)]
+    # Each state loaded strictly into its own config, and the configs differ at most in fine_features: the only
+    # tensors some inputs lack are the fine path's. A warm start that adds the path answers exactly as its start, so
+    # the two are one basin; the path's tensors are averaged over the inputs that hold them.
     names = list(dict.fromkeys(name for s in states for name in s))
-    if any(name not in s and not name.startswith(FINE_PATH_PREFIXES) for s in states for name in names):
-        raise ValueError("checkpoints hold different tensors")
     averaged = {}
     for name in names:
         tensors = [s[name] for s in states if name in s]
